@@ -1,0 +1,1 @@
+"""trimpi: internalize long, partly visual policies into a vision-language model."""

@@ -1,0 +1,83 @@
+"""Policy specs: the source of truth for what the model must internalize.
+
+A policy is a YAML file under ``policies/`` with a ``kind`` (``clevr`` decision tree or
+``gta`` tool-use rules). Whatever its kind, a loaded policy offers the same surface:
+
+* ``name`` — the unique name queries refer to (``"L2-Surinu"``, ``"GTAPolicy"``);
+* ``version`` — the content hash of its normalized spec (a YAML re-format is not a new version);
+* ``render(multimodal=False) -> RenderedPolicy`` — the exact text (and policy images) that
+  goes in context. There is exactly one renderer per kind; training, evaluation and the
+  efficiency suite all call it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.io import input_error, load_yaml, stable_hash
+
+
+@dataclass
+class RenderedPolicy:
+    """A policy as the model sees it: text interleaved with optional policy images."""
+
+    name: str
+    version: str
+    parts: list[Any] = field(default_factory=list)
+    """``str`` for text, ``PIL.Image.Image`` for an inline policy image (multimodal variant)."""
+
+    @property
+    def images(self) -> list:
+        return [p for p in self.parts if not isinstance(p, str)]
+
+    @property
+    def text(self) -> str:
+        """Text with ``<image>`` where an image sits (for display, hashing and token counts of text)."""
+        return "".join(p if isinstance(p, str) else "<image>" for p in self.parts)
+
+
+KINDS = ("clevr", "gta")
+
+
+def load_policy(path: str | os.PathLike):
+    """Load and validate one policy file; raises InputError naming the file and node."""
+    path = Path(path)
+    spec = load_yaml(path)
+    if not isinstance(spec, dict):
+        raise input_error(path, None, "a mapping with 'kind' and 'name'", type(spec).__name__)
+    kind = spec.get("kind")
+    if kind == "clevr":
+        from pipeline.policy.clevr import ClevrPolicy
+
+        return ClevrPolicy.from_spec(spec, path)
+    if kind == "gta":
+        from pipeline.policy.gta import GTAPolicy
+
+        return GTAPolicy.from_spec(spec, path)
+    raise input_error(path, "kind", "one of " + ", ".join(KINDS), kind)
+
+
+def policy_files(root: str | os.PathLike = "policies", kind: str | None = None) -> list[Path]:
+    root = Path(root)
+    sub = root / kind if kind else root
+    return sorted(p for p in sub.rglob("*.yaml") if p.is_file()) if sub.exists() else []
+
+
+def load_policies(root: str | os.PathLike = "policies", kind: str | None = None) -> dict[str, Any]:
+    """All policies under ``root`` (or ``root/<kind>``) by name; duplicate names are an error."""
+    out: dict[str, Any] = {}
+    where: dict[str, Path] = {}
+    for p in policy_files(root, kind):
+        pol = load_policy(p)
+        if pol.name in out:
+            raise input_error(p, "name", f"a name unique across policies/ (also used by {where[pol.name]})", pol.name)
+        out[pol.name] = pol
+        where[pol.name] = p
+    return out
+
+
+def policies_version(root: str | os.PathLike = "policies", kind: str | None = None) -> str:
+    """One hash over every policy's version: what 'the policies changed' means to the pipeline."""
+    return stable_hash({name: pol.version for name, pol in load_policies(root, kind).items()})
