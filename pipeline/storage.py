@@ -1,0 +1,296 @@
+"""One storage abstraction over a local directory and S3, for the model registry.
+
+``open_storage("registry")`` and ``open_storage("s3://bucket/prefix")`` return objects with the
+same small surface — ``put_bytes/get_bytes/put_file/get_file/list/children/exists/delete`` and
+``replace`` (atomic replace of a small object) — so the registry has exactly one code path.
+Keys are ``/``-separated and relative to the root; ``..`` and absolute keys are refused.
+
+Decisions worth knowing:
+
+* **Atomicity.** Local writes go to a temporary sibling and are renamed into place
+  (``pipeline.io``), so a reader sees the old or the new bytes, never a prefix. S3 PUT (and a
+  completed multipart upload) is atomic per object by the S3 contract, so ``replace`` is a
+  plain PUT there. Nothing here is atomic *across* objects: the registry builds that from a
+  completion marker and a pointer object written last.
+* **Credentials** come only from boto3's standard chain (``AWS_ACCESS_KEY_ID``…, ``~/.aws``,
+  instance roles). This module never reads, stores or prints them; errors name the URL and the
+  endpoint, nothing else. The endpoint comes from the caller (``registry.endpoint_url``) or
+  boto3's own ``AWS_ENDPOINT_URL(_S3)`` environment variables.
+* **Retries.** boto3's internal retries are switched off and replaced by one loop here, so the
+  budget is explicit (``retries`` attempts, exponential back-off from ``backoff`` seconds) and
+  the final error names the URL. Only transient failures (connection errors, timeouts, 5xx,
+  throttling) are retried; AccessDenied, NoSuchBucket or missing credentials fail at once.
+* Errors are :class:`StorageError`, an ``InputError``: the CLI prints them without a traceback.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from pipeline.io import InputError, atomic_write_bytes
+
+T = TypeVar("T")
+
+
+class StorageError(InputError):
+    """A storage operation failed (after retries when the failure looked transient)."""
+
+
+class NotFound(StorageError):
+    """The key does not exist."""
+
+
+def _check_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise StorageError(f"storage key: expected a relative '/'-separated key without '..' or empty parts, got {key!r}")
+    return key
+
+
+class Storage:
+    """Interface shared by both backends (see module docstring)."""
+
+    url: str
+
+    def put_bytes(self, key: str, data: bytes) -> None: raise NotImplementedError
+    def get_bytes(self, key: str) -> bytes: raise NotImplementedError
+    def put_file(self, key: str, path: str | os.PathLike) -> None: raise NotImplementedError
+    def get_file(self, key: str, path: str | os.PathLike) -> None: raise NotImplementedError
+    def list(self, prefix: str = "") -> list[str]: raise NotImplementedError
+    def children(self, prefix: str = "") -> list[str]: raise NotImplementedError
+    def exists(self, key: str) -> bool: raise NotImplementedError
+    def delete(self, key: str) -> None: raise NotImplementedError
+
+    def replace(self, key: str, data: bytes) -> None:
+        """Atomically replace a small object: concurrent readers see the old or the new bytes."""
+        self.put_bytes(key, data)
+
+    def where(self, key: str = "") -> str:
+        """The URL of ``key`` under this root (for messages)."""
+        return self.url.rstrip("/") + ("/" + key if key else "")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+# ----------------------------------------------------------------------------- local directory
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.url = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        atomic_write_bytes(self._path(key), data)
+
+    def replace(self, key: str, data: bytes) -> None:
+        atomic_write_bytes(self._path(key), data)  # os.replace: atomic on POSIX
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound(f"{self.where(key)}: expected an existing object") from None
+
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        dst = self._path(key)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+        try:
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, dst)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def get_file(self, key: str, path: str | os.PathLike) -> None:
+        src = self._path(key)
+        if not src.is_file():
+            raise NotFound(f"{self.where(key)}: expected an existing object")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, path)
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self.root / prefix if prefix else self.root
+        if not base.is_dir():
+            return []
+        out = []
+        for p in base.rglob("*"):
+            # temp files of interrupted writes start with "." and are never objects
+            if p.is_file() and not p.name.startswith("."):
+                out.append(p.relative_to(self.root).as_posix())
+        return sorted(out)
+
+    def children(self, prefix: str = "") -> list[str]:
+        base = self.root / prefix if prefix else self.root
+        if not base.is_dir():
+            return []
+        return sorted(p.name + ("/" if p.is_dir() else "") for p in base.iterdir() if not p.name.startswith("."))
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- S3
+
+TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                   "InternalError", "ServiceUnavailable", "500", "502", "503", "504"}
+
+
+class S3Storage(Storage):
+    def __init__(self, url: str, endpoint_url: str | None = None, retries: int = 5, backoff: float = 0.5,
+                 sleep: Callable[[float], None] = time.sleep):
+        rest = url[len("s3://"):]
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise StorageError(f"{url}: expected s3://bucket[/prefix]")
+        self.url = url.rstrip("/")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint_url = (endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+                             or os.environ.get("AWS_ENDPOINT_URL") or None)
+        self.retries = max(1, retries)
+        self.backoff = backoff
+        self._sleep = sleep
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            cfg = Config(retries={"total_max_attempts": 1, "mode": "standard"},  # our loop retries
+                         connect_timeout=5, read_timeout=60,
+                         s3={"addressing_style": "path" if self.endpoint_url else "auto"})
+            self._client = boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=cfg)
+        return self._client
+
+    def _key(self, key: str) -> str:
+        _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _describe(self) -> str:
+        return self.url + (f" (endpoint {self.endpoint_url})" if self.endpoint_url else "")
+
+    def _call(self, what: str, key: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` with the retry budget; map failures to StorageError naming the URL."""
+        from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError as BotoConnectionError,
+                                         NoCredentialsError, PartialCredentialsError)
+
+        where = self.where(key)
+        delay = self.backoff
+        for attempt in range(1, self.retries + 1):
+            try:
+                return fn()
+            except ClientError as e:
+                err = e.response.get("Error", {})
+                code = str(err.get("Code", ""))
+                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                if code in ("NoSuchKey", "404", "NotFound"):
+                    raise NotFound(f"{where}: expected an existing object") from None
+                if code == "NoSuchBucket":
+                    raise StorageError(f"{where}: {what} failed: bucket {self.bucket!r} does not exist "
+                                       f"at {self._describe()}") from None
+                transient = code in TRANSIENT_CODES or status >= 500
+                if not transient:
+                    raise StorageError(f"{where}: {what} failed: {code or status}: {err.get('Message', '')} "
+                                       f"(endpoint {self.endpoint_url or 'AWS default'})") from None
+                last = f"{code or status}"
+            except (NoCredentialsError, PartialCredentialsError):
+                raise StorageError(f"{where}: {what} failed: no usable AWS credentials (set AWS_ACCESS_KEY_ID/"
+                                   f"AWS_SECRET_ACCESS_KEY or configure ~/.aws; they are never stored by trimpi)") from None
+            except (BotoConnectionError, OSError) as e:
+                last = type(e).__name__
+            except BotoCoreError as e:  # other client-side errors are not going to heal by waiting
+                raise StorageError(f"{where}: {what} failed: {type(e).__name__}: {e}") from None
+            if attempt < self.retries:
+                self._sleep(delay)
+                delay = min(delay * 2, 30.0)
+        raise StorageError(f"{where}: {what} failed after {self.retries} attempts "
+                           f"(last error: {last}) at {self._describe()}")
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        k = self._key(key)
+        self._call("put", key, lambda: self.client.put_object(Bucket=self.bucket, Key=k, Body=data))
+
+    def get_bytes(self, key: str) -> bytes:
+        k = self._key(key)
+        return self._call("get", key, lambda: self.client.get_object(Bucket=self.bucket, Key=k)["Body"].read())
+
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        k = self._key(key)
+        # upload_file switches to multipart for large weights; completion is atomic per object
+        self._call("upload", key, lambda: self.client.upload_file(str(path), self.bucket, k))
+
+    def get_file(self, key: str, path: str | os.PathLike) -> None:
+        k = self._key(key)
+        dst = Path(path)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+
+        def fetch():
+            try:
+                self.client.download_file(self.bucket, k, str(tmp))
+            except Exception as e:  # download_file reports a missing key as a bare 404 ClientError
+                tmp.unlink(missing_ok=True)
+                raise e
+            os.replace(tmp, dst)
+
+        self._call("download", key, fetch)
+
+    def _paginate(self, prefix: str, delimiter: str | None):
+        full = self._key(prefix.rstrip("/")) + "/" if prefix else (self.prefix + "/" if self.prefix else "")
+        kwargs = {"Bucket": self.bucket, "Prefix": full}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+
+        def run():
+            pages = list(self.client.get_paginator("list_objects_v2").paginate(**kwargs))
+            return full, pages
+
+        return self._call("list", prefix, run)
+
+    def list(self, prefix: str = "") -> list[str]:
+        full, pages = self._paginate(prefix, None)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(o["Key"][strip:] for p in pages for o in p.get("Contents", []))
+
+    def children(self, prefix: str = "") -> list[str]:
+        full, pages = self._paginate(prefix, "/")
+        out = [o["Key"][len(full):] for p in pages for o in p.get("Contents", [])]
+        out += [c["Prefix"][len(full):] for p in pages for c in p.get("CommonPrefixes", [])]
+        return sorted(x for x in out if x)
+
+    def exists(self, key: str) -> bool:
+        k = self._key(key)
+        try:
+            self._call("head", key, lambda: self.client.head_object(Bucket=self.bucket, Key=k))
+            return True
+        except NotFound:
+            return False
+
+    def delete(self, key: str) -> None:
+        k = self._key(key)
+        self._call("delete", key, lambda: self.client.delete_object(Bucket=self.bucket, Key=k))
+
+
+def open_storage(url: str | os.PathLike, endpoint_url: str | None = None, retries: int = 5,
+                 backoff: float = 0.5) -> Storage:
+    """``s3://bucket/prefix`` -> :class:`S3Storage`; a path or ``file://`` URL -> :class:`LocalStorage`."""
+    url = str(url)
+    if url.startswith("s3://"):
+        return S3Storage(url, endpoint_url=endpoint_url, retries=retries, backoff=backoff)
+    if "://" in url and not url.startswith("file://"):
+        raise StorageError(f"{url}: expected a local directory, file://path or s3://bucket/prefix")
+    return LocalStorage(url[len("file://"):] if url.startswith("file://") else url)
