@@ -1,0 +1,319 @@
+"""Running DVC from the flow: stage order, one subprocess per stage, and what a failure means.
+
+The flow never re-implements the pipeline: ``dvc.yaml`` is the graph, and each stage runs as
+``dvc repro --single-item <stage>`` in the order computed here, so DVC keeps skipping whatever
+did not change and writes ``dvc.lock`` exactly as a plain ``dvc repro`` would. Nothing here
+imports Prefect; the flow module wraps these functions in tasks.
+
+Decisions worth knowing:
+
+* **Order**: DVC's own index builds the graph (``foreach``/``matrix``/``vars`` resolved);
+  stages are then ordered topologically, ties broken by declaration order in ``dvc.yaml``,
+  so the run reads in the same order as the file.
+* **Subprocess, streamed**: output is read as it comes and handed to a callback line by
+  line (tqdm's ``\\r`` updates are throttled), so a multi-hour training stage shows progress
+  and the flow process stays responsive (its heartbeats keep it from being marked crashed).
+  The child runs in its own process group; the per-stage timeout kills the whole group.
+* **Failure kinds** (what the flow retries): DVC exits 255 for any failed stage and prints
+  ``exited with N``. N = 1 (a check failed: validation, gate) or 2 (bad input) is
+  **deterministic**, never retried. N = 75 (``EX_TEMPFAIL``, the convention for "try again"),
+  death by a signal, any other code, or a known network error in the last lines of output
+  (e.g. the storage layer's ``failed after N attempts``) is **transient** and retried with
+  back-off. A timeout is not retried: a stage that ran out of time will run out again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from pipeline.io import input_error, read_json
+
+EX_TEMPFAIL = 75
+DETERMINISTIC_CODES = (1, 2)
+# Text that marks a failure as a passing network/infrastructure problem even when the exit
+# code alone would say "deterministic" (an uncaught boto error exits 1, a StorageError 2).
+TRANSIENT_MARKERS = re.compile(
+    r"failed after \d+ attempts|EndpointConnectionError|Could not connect to the endpoint|"
+    r"Connection refused|ConnectTimeout|ReadTimeout|Connection reset by peer|SlowDown|"
+    r"ServiceUnavailable|RequestTimeout|Unable to acquire lock")
+
+
+@dataclass
+class OrchestrateConfig:
+    """``params.yaml: orchestrate`` — how the reinternalize flow runs the DVC stages."""
+
+    retries: int = 2
+    """Retries of a stage (and of ``dvc pull``/``push``) after a transient failure; deterministic ones never retry."""
+    retry_delay_s: float = 30.0
+    """First back-off delay; it doubles on each retry (30 s, 60 s, ...)."""
+    stage_timeout_s: float = 6 * 3600.0
+    """Wall-clock limit of one stage; the stage's whole process group is killed when it is reached."""
+    stage_timeouts: dict = field(default_factory=dict)
+    """Per-stage limits overriding ``stage_timeout_s``, e.g. ``{rl: 86400}``."""
+    remote: str = ""
+    """DVC remote to pull from / push to; empty = the default remote in ``.dvc/config`` (none = skip)."""
+    pull: bool = True
+    """Run ``dvc pull`` before the stages (restores outputs another machine already built)."""
+    push: bool = True
+    """Run ``dvc push`` after the stages (ships data and models to the remote)."""
+    watch_params: list = field(default_factory=lambda: ["base.seed", "generate_clevr", "generate_gta",
+                                                        "generate_generic"])
+    """params.yaml sections (or ``section.key``) that, with ``policies/``, decide "did the policies change"."""
+    lock_wait_s: float = 0.0
+    """How long a second run in the same workspace waits for the first; 0 = refuse at once."""
+    summary: str = "reports/reinternalize.md"
+    """Where the run's final markdown summary is written (also a Prefect artifact)."""
+
+
+@dataclass
+class StageResult:
+    stage: str
+    status: str  # "ran" | "unchanged"
+    seconds: float
+    log_tail: list[str] = dataclasses.field(default_factory=list)
+
+
+class StageFailed(RuntimeError):
+    """A stage (or dvc command) failed; ``transient`` says whether retrying may help."""
+
+    def __init__(self, what: str, code: int | None, transient: bool, tail: list[str], reason: str = ""):
+        self.what, self.code, self.transient, self.tail = what, code, transient, tail
+        kind = "transient" if transient else "deterministic"
+        last = "\n".join(tail[-15:])
+        super().__init__(f"{what} failed ({kind}{': ' + reason if reason else ''}, exit {code})\n{last}")
+
+
+class StageTimeout(StageFailed):
+    def __init__(self, what: str, seconds: float, tail: list[str]):
+        super().__init__(what, None, False, tail, f"timed out after {seconds:g} s")
+
+
+# ----------------------------------------------------------------------------- the graph
+
+
+def stage_order(root: str | os.PathLike = ".", only: list[str] | None = None) -> list[str]:
+    """Pipeline stages of the repo at ``root`` in dependency order (declaration order on ties).
+
+    ``only`` restricts to those stages (and keeps the computed order); unknown names are an error.
+    A ``dvc.yaml`` with no stages yet gives an empty list.
+    """
+    from dvc.repo import Repo
+
+    root = Path(root)
+    dvc_yaml = root / "dvc.yaml"
+    if not dvc_yaml.exists():
+        return []
+    import yaml
+
+    raw = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}
+    if not raw.get("stages"):  # `stages:` with nothing under it yet: DVC would refuse the file
+        return []
+    with Repo(str(root)) as repo:
+        stages = [s for s in repo.index.stages if getattr(s, "cmd", None)]
+        pos = {_address(repo, s): i for i, s in enumerate(stages)}
+        needs = {_address(repo, s): set() for s in stages}
+        for a, b in repo.index.graph.edges:  # edge a -> b: a depends on b
+            a, b = _address(repo, a), _address(repo, b)
+            if a in needs and b in needs:
+                needs[a].add(b)
+    order: list[str] = []
+    ready = sorted((s for s, n in needs.items() if not n), key=pos.get)
+    while ready:
+        s = ready.pop(0)
+        order.append(s)
+        for t, n in needs.items():
+            if s in n:
+                n.discard(s)
+                if not n:
+                    ready.append(t)
+        ready.sort(key=pos.get)
+    if only:
+        unknown = [s for s in only if s not in pos]
+        if unknown:
+            raise input_error(dvc_yaml, "stages", "names of stages declared there: " + ", ".join(order), unknown[0])
+        order = [s for s in order if s in only]
+    return order
+
+
+def _address(repo, stage) -> str:
+    """``name`` for stages of the root ``dvc.yaml``, ``sub/dvc.yaml:name`` otherwise.
+
+    DVC's own ``addressing`` is relative to the current directory, which is not the workspace
+    when the flow runs from elsewhere (a served deployment, tests).
+    """
+    rel = os.path.relpath(stage.dvcfile.path, repo.root_dir)
+    name = getattr(stage, "name", None)
+    if not name:
+        return rel
+    return name if rel == "dvc.yaml" else f"{rel}:{name}"
+
+
+def stage_files(root: str | os.PathLike, stage: str) -> dict[str, list[str]]:
+    """The files a stage declares as ``metrics`` and ``plots``, and its other ``outs``."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        for s in repo.index.stages:
+            if _address(repo, s) == stage:
+                return {"metrics": [o.def_path for o in s.outs if o.metric],
+                        "plots": [o.def_path for o in s.outs if o.plot],
+                        "outs": [o.def_path for o in s.outs if not (o.metric or o.plot)]}
+    return {"metrics": [], "plots": [], "outs": []}
+
+
+def stage_metrics(root: str | os.PathLike, stage: str) -> dict[str, dict]:
+    """Metrics a stage produced: its declared metrics files plus ``<out dir>/metrics.json``.
+
+    Training stages keep ``metrics.json`` inside their checkpoint directory, which DVC cannot
+    also declare as a metric, so those are picked up by convention.
+    """
+    root = Path(root)
+    files = stage_files(root, stage)
+    paths = [*files["metrics"], *(f"{o}/metrics.json" for o in files["outs"])]
+    out = {}
+    for p in paths:
+        if (root / p).is_file() and p.endswith(".json"):
+            try:
+                out[p] = read_json(root / p)
+            except Exception as e:  # noqa: BLE001 - a broken metrics file must not hide the stage result
+                out[p] = {"error": str(e)}
+    return out
+
+
+def default_remote(root: str | os.PathLike = ".", name: str = "") -> str | None:
+    """The remote to use: ``name`` if given (must exist), else the default remote, else None."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        remotes = dict(repo.config.get("remote", {}))
+        chosen = name or repo.config.get("core", {}).get("remote")
+    if name and name not in remotes:
+        raise input_error(Path(root) / ".dvc/config", "remote", "one of the configured remotes " + ", ".join(remotes),
+                          name)
+    return chosen or None
+
+
+# ----------------------------------------------------------------------------- subprocesses
+
+
+def classify(code: int, tail: list[str]) -> tuple[bool, str]:
+    """(transient?, reason) for a failed ``dvc`` command from its exit code and last lines."""
+    text = "\n".join(tail)
+    stage_rc = [int(m) for m in re.findall(r"exited with (-?\d+)", text)]
+    rc = stage_rc[-1] if stage_rc else code
+    if TRANSIENT_MARKERS.search(text):
+        return True, "network/lock error in output"
+    if rc == EX_TEMPFAIL:
+        return True, "stage asked to be retried (exit 75)"
+    if rc in DETERMINISTIC_CODES:
+        return False, "a check failed" if rc == 1 else "bad input"
+    if not stage_rc and code == 255:  # dvc itself refused (bad dvc.yaml, missing dependency)
+        return False, "dvc refused the stage"
+    return True, f"exit {rc}" + (" (killed by a signal)" if rc < 0 or rc > 128 else "")
+
+
+def run_streamed(cmd: list[str], cwd: str | os.PathLike, on_line: Callable[[str], None],
+                 timeout: float | None = None, env: dict | None = None,
+                 progress_every: float = 10.0) -> tuple[int, list[str]]:
+    """Run ``cmd``, feeding each output line to ``on_line``; returns (exit code, last 200 lines).
+
+    Raises :class:`StageTimeout` (after killing the process group) when ``timeout`` passes.
+    """
+    proc = subprocess.Popen(cmd, cwd=str(cwd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    tail: deque[str] = deque(maxlen=200)
+
+    def pump():
+        buf = b""
+        last_progress = 0.0
+        while True:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            buf += chunk
+            parts = re.split(rb"(\r\n|\n|\r)", buf)
+            buf = parts.pop()  # incomplete remainder
+            for text, sep in zip(parts[0::2], parts[1::2]):
+                line = text.decode("utf-8", "replace").rstrip()
+                if not line:
+                    continue
+                if sep == b"\r":  # a progress-bar redraw: keep the latest, log one every few seconds
+                    now = time.monotonic()
+                    if now - last_progress < progress_every:
+                        continue
+                    last_progress = now
+                tail.append(line)
+                on_line(line)
+        if buf.strip():
+            line = buf.decode("utf-8", "replace").rstrip()
+            tail.append(line)
+            on_line(line)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        reader.join(5)
+        raise StageTimeout(" ".join(cmd), timeout or 0, list(tail)) from None
+    except BaseException:  # KeyboardInterrupt, flow cancellation: never leave a training job behind
+        _kill_group(proc)
+        raise
+    reader.join(30)
+    return code, list(tail)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def child_env() -> dict:
+    """Environment for stage subprocesses: this venv first on PATH, offline, one thread, unbuffered."""
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def dvc(args: list[str], root: str | os.PathLike, on_line: Callable[[str], None],
+        timeout: float | None = None) -> list[str]:
+    """Run ``dvc <args>`` (this interpreter's DVC); raise :class:`StageFailed` on failure."""
+    cmd = [sys.executable, "-m", "dvc", *args]
+    code, tail = run_streamed(cmd, root, on_line, timeout=timeout, env=child_env())
+    if code != 0:
+        transient, reason = classify(code, tail)
+        raise StageFailed("dvc " + " ".join(args), code, transient, tail, reason)
+    return tail
+
+
+def repro_stage(root: str | os.PathLike, stage: str, on_line: Callable[[str], None],
+                timeout: float | None = None) -> StageResult:
+    """``dvc repro --single-item <stage>``: DVC skips it when nothing it depends on changed."""
+    t0 = time.monotonic()
+    tail = dvc(["repro", "--single-item", stage], root, on_line, timeout)
+    unchanged = any("didn't change, skipping" in line for line in tail)
+    return StageResult(stage, "unchanged" if unchanged else "ran", time.monotonic() - t0, tail[-20:])
