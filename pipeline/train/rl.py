@@ -1,0 +1,531 @@
+"""Stage 3: GRPO / DAPO with PolicyRollout for a vision-language model, as one compact loop.
+
+One RL step, in the spirit of nanochat's ``chat_rl.py``::
+
+    prompts   <- next rollout_batch records (query + images; never the policy)
+    rollouts  <- per prompt, G samples WITHOUT the policy and (PolicyRollout) G samples WITH the
+                 policy text + policy images in context; one ``generate`` call per generation_batch
+                 prompts, each prompt's images encoded once and shared by its G samples
+    rewards   <- w_acc * accuracy + w_fmt * format, per response
+    advantage <- (r - mean) / (std + 1e-6) over the prompt's whole group (all 2G together)
+    [DAPO]    <- drop groups whose rewards are all equal, sample new prompts, at most max_retries rounds
+    update    <- clipped-ratio policy gradient (+ beta * k3 KL to the frozen start checkpoint),
+                 rollout_batch / update_batch optimizer steps, micro-batched
+
+Why our own loop rather than TRL's GRPOTrainer: TRL treats injected completions as on-policy
+(its old log-probs are the sampling ones, i.e. the WITH-policy prompt for the PoRo half) and its
+``rollout_func`` drops structured images, so an exact PolicyRollout needed surgery in
+``_generate`` and ``_compute_loss`` (environment-notes §3.3). This file is the whole algorithm
+instead, and every number in the loss has one obvious origin.
+
+Where this departs from textbook GRPO (DeepSeekMath) and DAPO, on purpose:
+
+* PolicyRollout (TriMPI §4.3): the G policy-aware responses are scored, for everything
+  (old log-probs, ratio, reference KL, gradient), as continuations of the POLICY-FREE prompt, as
+  if they had been sampled from it. Their importance ratio is therefore pi_theta(o|Q,I) /
+  pi_old(o|Q,I), not a correction towards the distribution that actually sampled them
+  (pi_old(o|Q,I,P)); the paper does the same. ``policy_rollout: false`` is plain GRPO/DAPO.
+* Log-probs are taken at the sampling temperature (logits / T), as verl/TRL do, so ratios compare
+  like with like; at T=1 this is the textbook quantity.
+* When one optimizer step consumes the whole rollout batch (update_batch == rollout_batch and
+  ppo_epochs == 1), old log-probs are the detached current ones (ratio exactly 1, as in TRL),
+  saving a forward pass; otherwise they are recomputed on the policy-free prompt before updating.
+* KL is the k3 estimator exp(ref - logp) - (ref - logp) - 1 per token, added to the loss (GRPO);
+  DAPO has none and loads no reference model. DAPO's overlong-response reward shaping is not
+  implemented (truncated responses simply score 0 accuracy unless they already boxed an answer).
+* std is the unbiased group standard deviation; a zero-variance group gets advantage exactly 0,
+  so it contributes no policy-gradient term (only KL, for GRPO).
+* DAPO dynamic sampling counts one "retry" per extra generation round of a step; when the cap is
+  hit the run stops early (paper Table 6 '*'), keeping the model from the last full step.
+
+Distributed (same DeepSpeed engine as cpt/sft, ``pipeline/train/engine.py``):
+
+* laptop / CI: ``trimpi train rl --model models/sft --data data/clevr --policies policies --out models/rl``
+  (one process, gloo, ZeRO-0).
+* one node, 8 GPUs: ``deepspeed --no_local_rank --num_gpus 8 -m pipeline.cli train rl ... --set zero_stage=2``
+* several nodes: ``deepspeed --no_local_rank --hostfile infra/deepspeed/hostfile -m pipeline.cli train rl ...
+  --set zero_stage=3``. Each rank takes its own slice of every rollout batch; under ZeRO-3 the
+  parameters are gathered once per rollout batch (``deepspeed.zero.GatheredParameters`` around all
+  ``generate`` calls of a step), never per token.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import random
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.train.rl_config import RLConfig
+
+log = logging.getLogger("trimpi.rl")
+
+# ----------------------------------------------------------------------------- the math (pure tensors)
+
+
+def group_advantages(rewards, eps: float = 1e-6):
+    """[n_groups, n_per_group] rewards -> advantages normalized within each row (all 2G together)."""
+    mean = rewards.mean(-1, keepdim=True)
+    std = rewards.std(-1, keepdim=True) if rewards.shape[-1] > 1 else rewards.new_zeros(rewards.shape[0], 1)
+    return (rewards - mean) / (std + eps)
+
+
+def zero_variance(rewards) -> list[bool]:
+    """Per group: are all rewards equal (no learning signal, DAPO drops it)?"""
+    return [bool((r.max() - r.min()).abs() <= 1e-9) for r in rewards]
+
+
+def policy_loss(logp, old_logp, adv, mask, clip_low: float, clip_high: float, *, ref_logp=None,
+                beta: float = 0.0, agg: str = "token_mean", denom: float | None = None):
+    """Clipped surrogate (+ beta * k3 KL) for a micro-batch of responses.
+
+    ``logp``/``old_logp``/``ref_logp``/``mask``: [n, L] per response token; ``adv``: [n].
+    ``denom`` is the normalizer of the WHOLE update batch (its token count for ``token_mean``,
+    its response count for ``seq_mean_token_mean``), so summing the micro-batch losses gives the
+    batch loss exactly. Returns (loss, stats) where stats hold sums for logging.
+    """
+    import torch
+
+    mask = mask.to(logp.dtype)
+    ratio = torch.exp(logp - old_logp)
+    a = adv.to(logp.dtype)[:, None]
+    unclipped = -a * ratio
+    clipped = -a * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    per_tok = torch.maximum(unclipped, clipped)
+    kl = None
+    if beta and ref_logp is not None:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1.0
+        per_tok = per_tok + beta * kl
+    if agg == "token_mean":
+        loss = (per_tok * mask).sum() / (denom if denom is not None else mask.sum().clamp(min=1))
+    elif agg == "seq_mean_token_mean":
+        per_seq = (per_tok * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        loss = per_seq.sum() / (denom if denom is not None else per_seq.numel())
+    else:
+        raise ValueError(f"unknown loss aggregation {agg!r}")
+    with torch.no_grad():
+        stats = {"tokens": float(mask.sum()),
+                 "clipped": float(((clipped > unclipped) * mask).sum()),
+                 "kl_sum": float((kl * mask).sum()) if kl is not None else 0.0,
+                 "approx_kl_old_sum": float(((old_logp - logp) * mask).sum())}
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------- rewards
+
+
+def task_reward(record, text: str) -> tuple[float, float]:
+    """(accuracy, format) of one response. ClevrPolicy: exact match of the boxed answer; GTAPolicy:
+    0.5 tool + 0.5 args from the GTA scorers; anything else: exact match."""
+    from pipeline.model.prompts import format_ok, parse_answer
+
+    fmt = 1.0 if format_ok(text) else 0.0
+    pred = parse_answer(text)
+    if pred is None:
+        return 0.0, fmt
+    if record.task == "gta":
+        from pipeline.evaluate.gta_scoring import reward
+
+        return float(reward(pred, record.answer)), fmt
+    return (1.0 if pred.strip() == record.answer.strip() else 0.0), fmt
+
+
+# ----------------------------------------------------------------------------- prompts and rollouts
+
+
+@dataclass
+class Group:
+    """One prompt and all its sampled responses (G free + G policy-aware under PoRo)."""
+
+    record: Any
+    prompt: dict
+    """The POLICY-FREE prompt, batch of one, as the processor encoded it: every score uses this."""
+    responses: list = field(default_factory=list)
+    """Sampled token ids per response (EOS included when the model stopped)."""
+    with_policy: list = field(default_factory=list)
+    texts: list = field(default_factory=list)
+    acc: list = field(default_factory=list)
+    fmt: list = field(default_factory=list)
+    rewards: Any = None
+    adv: Any = None
+    old_logp: list | None = None
+    ref_logp: list | None = None
+
+
+class PromptCache:
+    """Encodes each record's policy-free and policy-aware prompt once and keeps the last ``size``.
+
+    Policies are rendered once per name; images are decoded once per record. The two prompts of a
+    record differ only by the policy parts (``build_messages`` contract).
+    """
+
+    def __init__(self, processor, stores: dict, policies: dict, multimodal: dict, size: int = 512):
+        self.processor, self.stores, self.policies, self.multimodal = processor, stores, policies, multimodal
+        self.size = size
+        self._rendered: dict = {}
+        self._cache: OrderedDict = OrderedDict()
+
+    def rendered(self, source: str, record):
+        from pipeline.io import input_error
+
+        key = (source, record.policy)
+        if key not in self._rendered:
+            pol = self.policies.get(record.policy)
+            if pol is None:
+                raise input_error(source, f"record {record.id}.policy",
+                                  "a policy name found under --policies", record.policy)
+            self._rendered[key] = pol.render(multimodal=self.multimodal.get(source, False))
+        return self._rendered[key]
+
+    def get(self, item, with_policy: bool) -> dict:
+        """Encoded prompt of ``item`` = (source data dir, record), with or without its policy."""
+        source, record = item
+        k = (source, record.id, with_policy)
+        if k in self._cache:
+            self._cache.move_to_end(k)
+            return self._cache[k]
+        from pipeline.model.masking import encode
+        from pipeline.model.prompts import build_messages
+
+        store = self.stores[source]
+        images = [store.open(ref) for ref in record.images]
+        policy = self.rendered(source, record) if with_policy else None
+        enc = encode(self.processor, [build_messages(record, images, policy=policy)], add_generation_prompt=True)
+        enc = {k2: v for k2, v in enc.items() if v is not None and k2 != "labels"}
+        self._cache[k] = enc
+        if len(self._cache) > self.size:
+            self._cache.popitem(last=False)
+        return enc
+
+
+SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+def left_pad_cat(encs: list[dict], pad_id: int) -> dict:
+    """Collate single-prompt encodings into one left-padded batch (generation needs left padding)."""
+    import torch
+
+    n = max(e["input_ids"].shape[1] for e in encs)
+    out: dict = {}
+    for key in encs[0]:
+        vals = [e[key] for e in encs]
+        if key in SEQ_KEYS:
+            fill = pad_id if key == "input_ids" else 0
+            out[key] = torch.cat([torch.nn.functional.pad(v, (n - v.shape[1], 0), value=fill) for v in vals])
+        else:
+            out[key] = torch.cat(vals)
+    return out
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def split_responses(rows, eos: set[int], pad_id: int) -> list:
+    """Generated rows -> per-row token ids up to and including the first EOS (no padding)."""
+    out = []
+    for row in rows:
+        ids = row.tolist()
+        cut = next((i + 1 for i, t in enumerate(ids) if t in eos), None)
+        if cut is None:  # truncated at max_response_len: generate pads only after EOS, so keep all
+            cut = len(ids)
+        out.append(row[:cut].clone())
+    return out
+
+
+@contextlib.contextmanager
+def gathered(model, zero_stage: int):
+    """ZeRO-3 shards parameters: gather them ONCE around all generate calls of a rollout batch."""
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def rollout(model, processor, items: list, prompts: PromptCache, cfg: RLConfig,
+            reward_fn: Callable = task_reward) -> list[Group]:
+    """Sample G (or G + G with the policy) responses per item = (source, record) and score them."""
+    import torch
+
+    tok = processor.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    eos = _eos_ids(model, tok)
+    G = cfg.group_size
+    halves = (False, True) if cfg.policy_rollout else (False,)
+    groups = []
+    for start in range(0, len(items), cfg.generation_batch):
+        chunk = items[start:start + cfg.generation_batch]
+        encs = [prompts.get(r, wp) for r in chunk for wp in halves]
+        batch = left_pad_cat(encs, pad_id)
+        with torch.no_grad():
+            out = model.generate(**batch, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                                 max_new_tokens=cfg.max_response_len, num_return_sequences=G,
+                                 pad_token_id=pad_id, eos_token_id=sorted(eos))
+        resp = split_responses(out[:, batch["input_ids"].shape[1]:], eos, pad_id)
+        for i, item in enumerate(chunk):
+            rec = item[1]
+            g = Group(record=rec, prompt=prompts.get(item, False))
+            for h, wp in enumerate(halves):
+                rows = resp[(i * len(halves) + h) * G:(i * len(halves) + h + 1) * G]
+                g.responses += rows
+                g.with_policy += [wp] * len(rows)
+            g.texts = tok.batch_decode(g.responses, skip_special_tokens=True)
+            for text in g.texts:
+                a, f = reward_fn(rec, text)
+                g.acc.append(a)
+                g.fmt.append(f)
+            g.rewards = torch.tensor([cfg.w_acc * a + cfg.w_fmt * f for a, f in zip(g.acc, g.fmt)])
+            g.adv = group_advantages(g.rewards[None])[0]
+            groups.append(g)
+    return groups
+
+
+def _accepts(model, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(model.forward).parameters
+
+
+def response_logprobs(model, prompt: dict, responses: list, temperature: float = 1.0):
+    """log pi(response token | prompt, previous tokens) for responses continuing ONE prompt.
+
+    The prompt's images go through the vision tower once and the features are shared by every row
+    (``mm_encoder_outputs``), so a micro-batch of n responses costs one image encoding, with
+    gradient. Returns (logp [n, L], mask [n, L]) with responses right-padded to L.
+    """
+    import torch
+
+    n = len(responses)
+    L = max(int(r.numel()) for r in responses)
+    P = prompt["input_ids"].shape[1]
+    resp = torch.zeros(n, L, dtype=torch.long)
+    mask = torch.zeros(n, L, dtype=torch.long)
+    for i, r in enumerate(responses):
+        resp[i, :r.numel()] = r
+        mask[i, :r.numel()] = 1
+    kw = {"input_ids": torch.cat([prompt["input_ids"].expand(n, P), resp], 1),
+          "attention_mask": torch.cat([prompt["attention_mask"].expand(n, P), mask], 1)}
+    for key in ("mm_token_type_ids", "token_type_ids"):
+        if key in prompt:
+            kw[key] = torch.cat([prompt[key].expand(n, P), torch.zeros(n, L, dtype=prompt[key].dtype)], 1)
+    core = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
+    if "pixel_values" in prompt:
+        grid = prompt.get("image_grid_thw")
+        if grid is not None:
+            kw["image_grid_thw"] = grid.repeat(n, 1)
+        if _accepts(core, "mm_encoder_outputs") and hasattr(core, "get_image_features"):
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            feats = core.get_image_features(prompt["pixel_values"], grid, return_dict=True).pooler_output
+            kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats) * n)}
+        else:
+            kw["pixel_values"] = prompt["pixel_values"].repeat(n, *([1] * (prompt["pixel_values"].dim() - 1)))
+    logits = model(**kw, logits_to_keep=L + 1).logits[:, :L].float()
+    logp = torch.log_softmax(logits / temperature, -1).gather(-1, resp[..., None])[..., 0]
+    return logp * mask, mask
+
+
+def _pad(rows: list, L: int):
+    import torch
+
+    out = torch.zeros(len(rows), L)
+    for i, r in enumerate(rows):
+        out[i, :r.numel()] = r
+    return out
+
+
+def _chunks(n: int, size: int):
+    return [list(range(s, min(n, s + size))) for s in range(0, n, size)]
+
+
+def score_groups(model, groups: list[Group], cfg: RLConfig, attr: str) -> None:
+    """Fill ``group.<attr>`` (``old_logp`` / ``ref_logp``) with per-response log-probs on the policy-free prompt."""
+    import torch
+
+    with torch.no_grad():
+        for g in groups:
+            rows: list = []
+            for idx in _chunks(len(g.responses), cfg.micro_batch):
+                lp, m = response_logprobs(model, g.prompt, [g.responses[i] for i in idx], cfg.temperature)
+                rows += [lp[j, :int(m[j].sum())].clone() for j in range(len(idx))]
+            setattr(g, attr, rows)
+
+
+def update(engine, groups: list[Group], cfg: RLConfig) -> dict:
+    """Optimizer steps over one rollout batch; returns summed statistics for the step's log row.
+
+    ``cfg`` must be :meth:`RLConfig.resolved`. Every forward here scores responses on the
+    policy-free prompt (``group.prompt``), the PolicyRollout half included.
+    """
+    agg = {"tokens": 0.0, "clipped": 0.0, "kl_sum": 0.0, "approx_kl_old_sum": 0.0, "loss": 0.0,
+           "grad_norm": 0.0, "updates": 0}
+    for _ in range(cfg.ppo_epochs):
+        for ub in (groups[s:s + cfg.update_batch] for s in range(0, len(groups), cfg.update_batch)):
+            n_resp = sum(len(g.responses) for g in ub)
+            n_tok = sum(int(r.numel()) for g in ub for r in g.responses)
+            denom = float(n_tok if cfg.loss_agg == "token_mean" else n_resp)
+            for g in ub:
+                for idx in _chunks(len(g.responses), cfg.micro_batch):
+                    resp = [g.responses[i] for i in idx]
+                    logp, mask = response_logprobs(engine, g.prompt, resp, cfg.temperature)
+                    L = logp.shape[1]
+                    old = _pad([g.old_logp[i] for i in idx], L) if g.old_logp is not None else logp.detach()
+                    ref = _pad([g.ref_logp[i] for i in idx], L) if g.ref_logp is not None else None
+                    loss, st = policy_loss(logp, old, g.adv[idx], mask, cfg.clip_low, cfg.clip_high,
+                                           ref_logp=ref, beta=cfg.kl_beta, agg=cfg.loss_agg, denom=denom)
+                    engine.backward(loss)
+                    agg["loss"] += float(loss.detach())
+                    for k in ("tokens", "clipped", "kl_sum", "approx_kl_old_sum"):
+                        agg[k] += st[k]
+            agg["grad_norm"] += float(engine.step() or 0.0)
+            agg["updates"] += 1
+    return agg
+
+
+# ----------------------------------------------------------------------------- prompt stream + dynamic sampling
+
+
+class PromptStream:
+    """Endless shuffled passes over the training prompts (a new permutation per pass, from the seed).
+
+    Its (pass, position) state is checkpointed, so a resumed run sees exactly the prompts an
+    uninterrupted run would have seen.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.pass_, self.pos = n, seed, 0, 0
+
+    def _order(self) -> list[int]:
+        order = list(range(self.n))
+        random.Random(self.seed * 1000003 + self.pass_).shuffle(order)
+        return order
+
+    def take(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            if self.pos >= self.n:
+                self.pass_, self.pos = self.pass_ + 1, 0
+            order = self._order()
+            m = min(k - len(out), self.n - self.pos)
+            out += order[self.pos:self.pos + m]
+            self.pos += m
+        return out
+
+    def state(self) -> dict:
+        return {"pass": self.pass_, "pos": self.pos}
+
+    def load(self, st: dict) -> None:
+        self.pass_, self.pos = int(st["pass"]), int(st["pos"])
+
+
+def collect_groups(stream: PromptStream, items: list, need: int, rollout_fn: Callable, cfg: RLConfig):
+    """Rollouts for one step. With dynamic sampling, groups with all-equal rewards are dropped and
+    new prompts are sampled; each extra round is a retry and at most ``cfg.max_retries`` are made.
+
+    Returns (kept groups, info); ``info["exhausted"]`` is True when the cap left the batch short.
+    """
+    kept: list[Group] = []
+    info = {"generated": 0, "zero_var": 0, "retries": 0, "exhausted": False, "groups": []}
+    rounds = 0
+    while len(kept) < need:
+        if rounds > 0:
+            if info["retries"] >= cfg.max_retries:
+                info["exhausted"] = True
+                break
+            info["retries"] += 1
+        rounds += 1
+        groups = rollout_fn([items[i] for i in stream.take(need - len(kept))])
+        for g, zv in zip(groups, zero_variance([g.rewards for g in groups])):
+            info["generated"] += 1
+            info["zero_var"] += int(zv)
+            info["groups"].append(g)
+            if not (zv and cfg.dynamic_sampling):
+                kept.append(g)
+        if not cfg.dynamic_sampling:
+            break
+    return kept[:need], info
+
+
+# ----------------------------------------------------------------------------- one step, logged
+
+
+def step_row(step: int, info: dict, kept: list[Group], upd: dict, cfg: RLConfig) -> dict:
+    """The train_log.csv row of one step: rewards per half over every generated group (the policy
+    being trained), zero-variance fraction, KL, clip fraction, response lengths."""
+    def mean(xs):
+        return round(sum(xs) / len(xs), 6) if xs else None
+
+    allg = info["groups"]
+    half = {wp: [(float(r), a, len(t)) for g in allg for r, a, t, w in
+                 zip(g.rewards.tolist(), g.acc, g.responses, g.with_policy) if w == wp] for wp in (False, True)}
+    tok = max(upd["tokens"], 1.0)
+    return {
+        "step": step,
+        "reward": mean([x[0] for h in half.values() for x in h]),
+        "reward_free": mean([x[0] for x in half[False]]),
+        "reward_policy": mean([x[0] for x in half[True]]),
+        "acc_free": mean([x[1] for x in half[False]]),
+        "acc_policy": mean([x[1] for x in half[True]]),
+        "zero_var_frac": round(info["zero_var"] / max(info["generated"], 1), 6),
+        "groups_kept": len(kept),
+        "retries": info["retries"],
+        "kl": round(upd["kl_sum"] / tok, 8) if cfg.kl_beta else None,
+        "approx_kl_old": round(upd["approx_kl_old_sum"] / tok, 8),
+        "clip_frac": round(upd["clipped"] / tok, 6),
+        "resp_len": mean([x[2] for h in half.values() for x in h]),
+        "resp_len_free": mean([x[2] for x in half[False]]),
+        "resp_len_policy": mean([x[2] for x in half[True]]),
+        "loss": round(upd["loss"] / max(upd["updates"], 1), 8),
+        "grad_norm": round(upd["grad_norm"] / max(upd["updates"], 1), 6),
+    }
+
+
+LOG_FIELDS = ["step", "reward", "reward_free", "reward_policy", "acc_free", "acc_policy", "zero_var_frac",
+              "groups_kept", "retries", "kl", "approx_kl_old", "clip_frac", "resp_len", "resp_len_free",
+              "resp_len_policy", "loss", "grad_norm", "gen_s", "update_s"]
+
+
+def rl_step(engine, ref_model, stream: PromptStream, items: list, prompts: PromptCache, processor,
+            cfg: RLConfig, step: int, seed: int, reward_fn: Callable = task_reward):
+    """Collect one rollout batch and update on it. Returns (log row, stopped_early)."""
+    import torch
+
+    model = getattr(engine, "module", engine)
+    t0 = time.time()
+    model.eval()
+    torch.manual_seed(seed * 7919 + step)  # sampling is reproducible per step (and across a resume)
+    with gathered(model, cfg.zero_stage):
+        kept, info = collect_groups(stream, items, cfg.rollout_batch,
+                                    lambda batch: rollout(model, processor, batch, prompts, cfg, reward_fn), cfg)
+    if info["exhausted"]:
+        return step_row(step, info, kept, _empty_update(), cfg) | {"gen_s": round(time.time() - t0, 3)}, True
+    several = cfg.ppo_epochs > 1 or cfg.update_batch < cfg.rollout_batch
+    if several:  # later optimizer steps are off-policy: freeze pi_old now, on the policy-free prompt
+        score_groups(model, kept, cfg, "old_logp")
+    if ref_model is not None and cfg.kl_beta:
+        score_groups(ref_model, kept, cfg, "ref_logp")
+    t1 = time.time()
+    model.train()
+    upd = update(engine, kept, cfg)
+    model.eval()
+    row = step_row(step, info, kept, upd, cfg)
+    row.update(gen_s=round(t1 - t0, 3), update_s=round(time.time() - t1, 3))
+    return row, False
+
+
+def _empty_update() -> dict:
+    return {"tokens": 0.0, "clipped": 0.0, "kl_sum": 0.0, "approx_kl_old_sum": 0.0, "loss": 0.0,
+            "grad_norm": 0.0, "updates": 0}
