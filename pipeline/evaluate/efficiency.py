@@ -1,0 +1,92 @@
+"""Efficiency suite: prompt tokens and measured prefill time, policy in context vs internalized.
+
+For a few test prompts per dataset (``evaluate.efficiency_samples``) the same record is encoded
+twice through the one prompt builder — with its rendered policy in context (what serving needs
+without internalization) and without it (after internalization) — and each prompt's **prefill**
+(the first forward pass over the whole prompt, the paper's Figure 6 quantity) is timed:
+
+* one prompt at a time (batch 1), so padding never inflates either side;
+* one untimed warm-up pass per prompt, then the median of ``efficiency_repeats`` timed passes;
+* ``logits_to_keep=1`` and ``use_cache=True``, as ``generate`` does for its prefill, so the time
+  is not dominated by a full-sequence LM head that serving never computes;
+* on CUDA the device is synchronized around each pass.
+
+Prompt tokens count every token of the encoded prompt (text, chat template and visual tokens of
+both the input images and any policy images). Reported as absolute means and reduction %.
+Timings depend on the machine and its load: the numbers describe this run, and a CPU box shared
+with other jobs is noisy (the reduction % is the more stable figure).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+from pipeline.evaluate import metrics as M
+
+
+def _sync(device) -> None:
+    if getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def prefill_seconds(model, batch: dict, repeats: int) -> float:
+    """Median wall time of the prompt's first forward pass (after one warm-up)."""
+    import torch
+
+    dev = next(model.parameters()).device
+    inputs = {k: v.to(dev) for k, v in batch.items() if k != "labels"}
+
+    def once() -> float:
+        _sync(dev)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            try:
+                model(**inputs, use_cache=True, logits_to_keep=1)
+            except TypeError:  # models without logits_to_keep
+                model(**inputs, use_cache=True)
+        _sync(dev)
+        return time.perf_counter() - t0
+
+    once()
+    return statistics.median(once() for _ in range(max(1, repeats)))
+
+
+def measure(ev) -> dict | None:
+    """Run the suite for an :class:`pipeline.evaluate.suites.Evaluation`; None when nothing to time."""
+    from pipeline.model.masking import encode
+    from pipeline.model.prompts import build_messages
+
+    runner, cfg = ev.runner, ev.cfg
+    rows = []
+    for ds in ev.datasets:
+        from pipeline.evaluate.suites import split_records
+
+        recs = [r for r in split_records(ds, "test", 0) if r.task in ("clevr", "gta")][:cfg.efficiency_samples]
+        for r in recs:
+            pol = runner.policy_of(r, ds.root / "test.jsonl")
+            imgs = [ds.store.open(ref) for ref in r.images]
+            out = {"id": r.id, "policy": r.policy}
+            for kind, rendered in (("with_policy", runner.render(pol, ds.multimodal)), ("internalized", None)):
+                batch = encode(runner.processor, [build_messages(r, imgs, policy=rendered)], add_generation_prompt=True)
+                out[f"tokens_{kind}"] = int(batch["input_ids"].shape[1])
+                out[f"prefill_ms_{kind}"] = round(1000 * prefill_seconds(runner.model, batch, cfg.efficiency_repeats), 3)
+            rows.append(out)
+    if not rows:
+        return None
+    ev._write("efficiency", rows)
+    t_with = statistics.mean(r["tokens_with_policy"] for r in rows)
+    t_int = statistics.mean(r["tokens_internalized"] for r in rows)
+    p_with = statistics.mean(r["prefill_ms_with_policy"] for r in rows)
+    p_int = statistics.mean(r["prefill_ms_internalized"] for r in rows)
+    return {
+        "prompt_tokens_with_policy": round(t_with, 1),
+        "prompt_tokens_internalized": round(t_int, 1),
+        "token_reduction_pct": M.reduction_pct(t_with, t_int),
+        "prefill_ms_with_policy": round(p_with, 3),
+        "prefill_ms_internalized": round(p_int, 3),
+        "prefill_reduction_pct": M.reduction_pct(p_with, p_int),
+        "n": len(rows),
+        "device": str(next(runner.model.parameters()).device),
+    }
