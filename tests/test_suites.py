@@ -203,3 +203,31 @@ def test_evaluate_cli_end_to_end_on_tiny_model(tmp_path, clevr_data):
     assert (tmp_path / "preds/init/plots/depth.csv").read_text().startswith("suite,depth,accuracy\nmain,2,")
     assert cli(["evaluate", "--params", str(params), "--model", str(tmp_path / "init"), "--data", str(clevr_data),
                 "--suites", "main,bogus"]) == 2
+
+
+def test_report_table_seeds_in_context_rows_and_svg(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    from pipeline.evaluate.report import run_report
+
+    def write(name, main, ic, override=None):
+        m = {"main": {"score": main, "clevr": {"accuracy": main}}, "in_context": {"score": ic, "clevr": {"accuracy": ic}}}
+        if override is not None:
+            m["override"] = {"score": override}
+        (tmp_path / name).write_text(json.dumps(m))
+        return str(tmp_path / name)
+
+    init = write("init.json", 2.0, 13.15)
+    rl = [write("rl0.json", 60.0, 70.0, 50.0), write("rl1.json", 70.0, 72.0, 54.0)]
+    args = types.SimpleNamespace(variant=[f"In-Context={init}@in_context", f"TriMPI={','.join(rl)}"],
+                                 out=str(tmp_path / "results.md"), svg=None, json=None)
+    assert run_report(args) == 0
+    md = (tmp_path / "results.md").read_text()
+    assert "| Method | seeds | Clevr acc | In-context | Override |" in md  # columns without data are dropped
+    assert "| In-Context † | 1 | 13.15 | 13.15 | – |" in md  # accuracy read with the policy in context
+    assert "| TriMPI | 2 | 65.00 ± 7.07 | 71.00 ± 1.41 | 52.00 ± 2.83 |" in md
+    root = ET.fromstring((tmp_path / "results.svg").read_text())
+    bars = [e for e in root.iter("{http://www.w3.org/2000/svg}rect") if e.find("{http://www.w3.org/2000/svg}title") is not None]
+    assert len(bars) == 5  # In-Context: main + in-context (no override); TriMPI: all three
+    with pytest.raises(InputError, match="NAME=metrics.json"):
+        run_report(types.SimpleNamespace(variant=["nonsense"], out=str(tmp_path / "x.md"), svg=None, json=None))
