@@ -529,3 +529,207 @@ def rl_step(engine, ref_model, stream: PromptStream, items: list, prompts: Promp
 def _empty_update() -> dict:
     return {"tokens": 0.0, "clipped": 0.0, "kl_sum": 0.0, "approx_kl_old_sum": 0.0, "loss": 0.0,
             "grad_norm": 0.0, "updates": 0}
+
+
+# ----------------------------------------------------------------------------- DeepSpeed engine
+
+
+class RLEngine:
+    """DeepSpeed engine with the surface ``update`` needs: ``module``, ``__call__``, ``backward``, ``step``.
+
+    DeepSpeed's own gradient accumulation is set to the number of micro-batches per optimizer
+    step (fixed: every group has G or 2G responses), so ZeRO-2/3 reduce gradients correctly;
+    ``backward`` does not rescale (the loss is already normalized over the update batch) and
+    ``step`` returns the global gradient norm of the optimizer step that just happened.
+    """
+
+    def __init__(self, model, cfg: RLConfig, seed: int):
+        import os
+
+        import deepspeed
+        import torch
+
+        # single process without a launcher: DeepSpeed otherwise goes looking for MPI
+        for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                     "MASTER_PORT": str(29500 + os.getpid() % 2000)}.items():
+            os.environ.setdefault(k, v)
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(".trimpi/torch_extensions").resolve()))
+        per_group = math.ceil(cfg.group_size * (2 if cfg.policy_rollout else 1) / cfg.micro_batch)
+        self.gas = cfg.update_batch * per_group
+        cuda = torch.cuda.is_available()
+        ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": self.gas,
+              "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay,
+                                                        "betas": [0.9, 0.999], "torch_adam": True}},
+              "gradient_clipping": cfg.grad_clip, "zero_optimization": {"stage": cfg.zero_stage},
+              "bf16": {"enabled": cuda}, "steps_per_print": 10 ** 9, "seed": seed}
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.ds, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds)
+        self.module = self.ds.module
+
+    def __call__(self, **kw):
+        return self.ds(**kw)
+
+    def backward(self, loss) -> None:
+        self.ds.backward(loss, scale_wrt_gas=False)
+        self.ds.step()  # a no-op for the optimizer until the accumulation boundary
+
+    def step(self) -> float:
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def save(self, ckpt: Path, client_state: dict) -> None:
+        self.ds.save_checkpoint(str(ckpt), tag="last", client_state=client_state)
+
+    def load(self, ckpt: Path) -> dict:
+        if not (ckpt / "last").exists():
+            return {}
+        _, state = self.ds.load_checkpoint(str(ckpt), tag="last")
+        return state or {}
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def load_items(data_dirs: list[str], cfg: RLConfig):
+    """(items, stores, multimodal) from the ``--data`` dirs: items are (data dir, Record)."""
+    from pipeline.data.records import ImageStore, read_records
+    from pipeline.io import input_error, read_json
+
+    items, stores, multimodal = [], {}, {}
+    for d in data_dirs:
+        path = Path(d) / cfg.data_file
+        recs = read_records(path)
+        if cfg.max_prompts:
+            recs = recs[:cfg.max_prompts]
+        stores[d] = ImageStore(d)
+        manifest = Path(d) / "manifest.json"
+        mm = read_json(manifest).get("multimodal", False) if manifest.exists() else False
+        multimodal[d] = {"auto": bool(mm), "on": True, "off": False}[cfg.policy_multimodal]
+        for r in recs:
+            if not r.policy:
+                raise input_error(path, f"record {r.id}.policy", "a policy name (RL needs it for PolicyRollout)", "")
+        items += [(d, r) for r in recs]
+    if len(items) < cfg.rollout_batch:
+        raise input_error(data_dirs[0], cfg.data_file, f"at least rl.rollout_batch={cfg.rollout_batch} prompts",
+                          len(items))
+    return items, stores, multimodal
+
+
+def filter_long(items: list, prompts: PromptCache, cfg: RLConfig) -> tuple[list, int]:
+    """Drop prompts (with their policy, under PoRo) longer than max_prompt_len; count them."""
+    keep = []
+    for it in items:
+        n = max(prompts.get(it, wp)["input_ids"].shape[1] for wp in ((False, True) if cfg.policy_rollout else (False,)))
+        if n <= cfg.max_prompt_len:
+            keep.append(it)
+    return keep, len(items) - len(keep)
+
+
+def configure_train(parser) -> None:
+    parser.add_argument("--model", required=True, help="starting checkpoint (the CoT-SFT model), also the KL reference")
+    parser.add_argument("--data", action="append", required=True, help="dataset dir (repeatable: clevr, gta)")
+    parser.add_argument("--policies", default="policies", help="policies root (rendered for PolicyRollout)")
+    parser.add_argument("--out", required=True, help="output checkpoint dir (written atomically)")
+    parser.add_argument("--metrics", default=None, help="also write metrics.json here (e.g. metrics/rl.json)")
+
+
+def run_train(args) -> int:
+    import torch
+
+    from pipeline.config import load_base, load_section
+    from pipeline.io import atomic_dir, atomic_write_json
+    from pipeline.model import load, save
+    from pipeline.policy import load_policies
+    base = load_base(args.params)
+    cfg = load_section(RLConfig, "rl", args.params, args.overrides).check(args.params).resolved()
+    torch.set_num_threads(base.threads)
+    torch.manual_seed(base.seed)
+    model, processor = load(args.model, threads=base.threads)
+    ref_model = None
+    if cfg.kl_beta:
+        ref_model, _ = load(args.model, threads=base.threads)
+        ref_model.requires_grad_(False)
+    items, stores, multimodal = load_items(args.data, cfg)
+    prompts = PromptCache(processor, stores, load_policies(args.policies), multimodal)
+    items, skipped = filter_long(items, prompts, cfg)
+    if len(items) < cfg.rollout_batch:
+        from pipeline.io import input_error
+
+        raise input_error(args.data[0], "rl.max_prompt_len", "enough prompts short enough to fit", skipped)
+    steps = cfg.epochs * (len(items) // cfg.rollout_batch)
+    steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+    engine = RLEngine(model, cfg, base.seed)
+    ckpt = Path(str(args.out).rstrip("/") + ".ckpt")  # resumable state beside the atomic output dir
+    state = engine.load(ckpt)
+    if state:
+        print(f"rl: resuming from {ckpt} at step {state.get('step')}")
+    stream = PromptStream(len(items), base.seed)
+    rows: list[dict] = state.get("rows", [])
+    start = int(state.get("step", 0))
+    if "stream" in state:
+        stream.load(state["stream"])
+    stopped, reason = False, ""
+    from tqdm import tqdm
+
+    t0 = time.time()
+    bar = tqdm(range(start, steps), desc=f"rl {cfg.algorithm}{'+poro' if cfg.policy_rollout else ''}",
+               initial=start, total=steps)
+    for step in bar:
+        row, stopped = rl_step(engine, ref_model, stream, items, prompts, processor, cfg, step, base.seed)
+        rows.append(row)
+        bar.set_postfix(reward=row["reward"], zv=row["zero_var_frac"], kl=row["kl"])
+        if stopped:
+            reason = (f"DAPO dynamic sampling hit the retry cap ({cfg.max_retries}) at step {step}: "
+                      f"stopping early after {step} full steps")
+            log.warning(reason)
+            print(f"rl: {reason}")
+            rows[-1]["stopped"] = True
+            break
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
+            engine.save(ckpt, {"step": step + 1, "stream": stream.state(), "rows": rows})
+    done = len(rows) - (1 if stopped else 0)
+    metrics = summarize(rows, cfg, steps, done, stopped, reason, skipped, time.time() - t0)
+    with atomic_dir(args.out) as tmp:
+        save(getattr(engine, "module", engine), processor, tmp)
+        atomic_write_json(Path(tmp) / "metrics.json", metrics)
+        write_log(Path(tmp) / "train_log.csv", rows)
+    if args.metrics:
+        atomic_write_json(args.metrics, metrics)
+    import shutil
+
+    shutil.rmtree(ckpt, ignore_errors=True)  # the finished model supersedes the resumable state
+    print(f"rl: {done}/{steps} steps, reward {metrics['reward_first']} -> {metrics['reward_last']}"
+          + (" (stopped early)" if stopped else "") + f" -> {args.out}")
+    return 0
+
+
+def summarize(rows, cfg, planned, done, stopped, reason, skipped, seconds) -> dict:
+    def avg(key, part):
+        xs = [r[key] for r in part if r.get(key) is not None]
+        return round(sum(xs) / len(xs), 6) if xs else None
+
+    k = max(1, min(3, len(rows) // 2))
+    last = rows[-k:] if rows else []
+    from dataclasses import asdict
+
+    return {"algorithm": cfg.algorithm, "policy_rollout": cfg.policy_rollout, "steps_planned": planned,
+            "steps_done": done, "stopped_early": stopped, "stop_reason": reason, "prompts_too_long": skipped,
+            "reward_first": avg("reward", rows[:k]), "reward_last": avg("reward", last),
+            "reward_free_last": avg("reward_free", last), "reward_policy_last": avg("reward_policy", last),
+            "acc_free_last": avg("acc_free", last), "zero_var_frac_mean": avg("zero_var_frac", rows),
+            "kl_last": avg("kl", last), "clip_frac_mean": avg("clip_frac", rows),
+            "resp_len_last": avg("resp_len", last), "seconds": round(seconds, 1), "config": asdict(cfg)}
+
+
+def write_log(path: Path, rows: list[dict]) -> None:
+    import io
+
+    from pipeline.io import atomic_write_text
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LOG_FIELDS + ["stopped"], extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())
