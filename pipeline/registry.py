@@ -444,7 +444,7 @@ def run_promote(args) -> int:
     atomic_write_json(args.out, res)
     what = "registered and promoted" if res["uploaded"] else "already registered; promoted"
     print(f"promote: {what} {res['version']} -> production"
-          + (" (unchanged)" if not res["changed"] else f" (was {res.get('previous')})") + f"\n  {res['url']}")
+          + (" (unchanged)" if not res["changed"] else f" (was {res.get('previous') or 'none'})") + f"\n  {res['url']}")
     return 0
 
 
