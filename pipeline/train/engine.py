@@ -1,0 +1,408 @@
+"""The one training machinery of every trainer (base, cpt, sft, rl): DeepSpeed, checkpoints, logs.
+
+DeepSpeed is the engine everywhere, CPU included, so a laptop run and an 8-GPU run take the same
+code path; only the JSON config (``infra/deepspeed/zero{0,2,3}.json``) and the launcher change.
+
+API for a trainer (the RL stage uses exactly this)::
+
+    setup_distributed()                              # before building the model; no-op under a launcher
+    eng = Engine(model, cfg, total_steps, ckpt_dir, fingerprint={...}, seed=seed)
+    client = eng.load_state()                        # None on a fresh start, else the dict you saved
+    out = eng.forward(**batch)                       # moves tensors to the engine device
+    eng.backward(out.loss); stepped = eng.step()     # True at a gradient-accumulation boundary
+    eng.global_step, eng.lr                          # optimizer steps done, current learning rate
+    eng.save_state({"anything": ...})                # every rank calls it; atomic via DS 'latest'
+    sd = eng.full_state_dict()                       # full weights on CPU (gathers ZeRO-3 partitions)
+    eng.finish()                                     # drop the checkpoints once the output is in place
+
+plus :class:`TrainLog` (``train_log.csv``, continued across resumes) and :func:`fit`, the
+supervised loop (epochs, deterministic per-epoch order, rank sharding, periodic checkpoints,
+progress bar, metrics) that CPT and SFT share.
+
+Decisions and departures from the obvious:
+
+* Single process without a launcher: RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT are set
+  here (otherwise DeepSpeed looks for mpi4py) and gloo is the CPU backend.
+* With one CPU process DeepSpeed still JIT-compiles its shared-memory all-reduce op (~50 s, needs
+  g++). No collective crosses a process boundary then, so :func:`setup_distributed` skips that
+  build; with several CPU ranks the op is built and cached in ``TORCH_EXTENSIONS_DIR`` (default
+  ``.trimpi/torch_extensions``).
+* ``"auto"`` values in the JSON configs are filled from the stage config (micro batch, gradient
+  accumulation, lr, weight decay, clipping); ``bf16: auto`` means "on iff CUDA supports bf16".
+  The optimizer is torch AdamW (``torch_adam: true``: no cpu_adam/fused_adam build).
+* The LR schedule (linear warm-up, cosine decay to 10 %) is a torch ``LambdaLR`` handed to
+  DeepSpeed, so its state is inside every DeepSpeed checkpoint.
+* A checkpoint is only resumed when its fingerprint (stage config, data, input model) matches;
+  a stale one is discarded with a message instead of silently mixing two runs.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.io import atomic_write_json, input_error, stable_hash
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "infra" / "deepspeed"
+
+
+@dataclass
+class TrainConfig:
+    """Knobs every supervised stage shares (each stage's params section extends these)."""
+
+    epochs: float = 3.0
+    """Passes over the training records (fractions allowed)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = run all epochs)."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    batch_size: int = 8
+    """Micro batch per process (DeepSpeed ``train_micro_batch_size_per_gpu``)."""
+    grad_accum: int = 1
+    """Gradient accumulation steps; global batch = batch_size x grad_accum x world size."""
+    warmup_ratio: float = 0.1
+    """Fraction of optimizer steps with linear warm-up; then cosine decay to 10 % of lr."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (DeepSpeed ``gradient_clipping``)."""
+    deepspeed: str = "zero0"
+    """DeepSpeed config: zero0 | zero2 | zero3 (from infra/deepspeed/) or a path to a JSON file."""
+    save_every: int = 25
+    """Checkpoint every N optimizer steps for resume (0 = never; a killed run then restarts)."""
+    resume: bool = True
+    """Resume from the last matching checkpoint when the stage is re-run after an interruption."""
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def setup_distributed() -> tuple[int, int]:
+    """Make a plain ``python``/``trimpi`` process a valid 1-rank job; returns (rank, world_size)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(".trimpi/torch_extensions").resolve()))
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.comm.torch  # noqa: F401 - ensure the submodule is loaded before patching it
+    from deepspeed.utils import logger
+
+    logger.setLevel("WARNING")
+    world = int(os.environ["WORLD_SIZE"])
+    if world == 1 and not torch.cuda.is_available():
+        # `import deepspeed.comm.torch as m` would bind the torch package (deepspeed.comm has a
+        # `torch` attribute), hence sys.modules.
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return int(os.environ["RANK"]), world
+
+
+def ds_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON with every ``"auto"`` resolved from ``cfg``."""
+    import torch
+
+    name = cfg.deepspeed
+    path = CONFIG_DIR / f"{name}.json" if name in ("zero0", "zero1", "zero2", "zero3") else Path(name)
+    if not path.is_file():
+        raise input_error(path, "deepspeed", "zero0|zero2|zero3 or an existing DeepSpeed JSON file", name)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise input_error(path, f"line {e.lineno}", "valid JSON", e.msg) from None
+    bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    fill = {"train_micro_batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": cfg.grad_accum,
+            "train_batch_size": cfg.batch_size * cfg.grad_accum * world_size, "gradient_clipping": cfg.max_grad_norm}
+
+    def resolve(node: Any, key: str = "") -> Any:
+        if isinstance(node, dict):
+            out = {}
+            for k, v in node.items():
+                r = resolve(v, k)
+                if r is not _DROP:
+                    out[k] = r
+            return out
+        if node != "auto":
+            return node
+        if key in fill:
+            return fill[key]
+        if key == "lr":
+            return cfg.lr
+        if key == "weight_decay":
+            return cfg.weight_decay
+        if key == "enabled":  # bf16/fp16 blocks; fp16 is resolved below
+            return bf16
+        return _DROP  # any other "auto" (bucket sizes...): DeepSpeed's default
+
+    ds = resolve(ds)
+    if isinstance(ds.get("fp16"), dict):
+        ds["fp16"]["enabled"] = False
+    ds.setdefault("steps_per_print", 10 ** 9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+_DROP = object()
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, floor: float = 0.1) -> Callable[[int], float]:
+    warm = max(1, int(round(total_steps * warmup_ratio))) if warmup_ratio > 0 else 0
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, total_steps - warm)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return f
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+class Engine:
+    """A DeepSpeed engine around ``model`` plus resumable checkpoints in ``ckpt_dir``."""
+
+    def __init__(self, model, cfg: TrainConfig, total_steps: int, ckpt_dir: str | os.PathLike,
+                 fingerprint: dict | None = None, seed: int = 0):
+        import deepspeed
+        import torch
+
+        self.rank, self.world_size = setup_distributed()
+        self.cfg = cfg
+        self.total_steps = max(1, total_steps)
+        self.ckpt_dir = Path(ckpt_dir)
+        self.fingerprint = stable_hash({"fp": fingerprint or {}, "cfg": asdict(cfg), "total": self.total_steps,
+                                        "world": self.world_size, "seed": seed})
+        self.ds_config = ds_config(cfg, self.world_size)
+        self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        params = [p for p in model.parameters() if p.requires_grad]
+        sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.total_steps, cfg.warmup_ratio))  # noqa: E731
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=params, config=self.ds_config, lr_scheduler=sched)
+        self.engine.train()
+
+    # -- training
+    @property
+    def module(self):
+        return self.engine.module
+
+    @property
+    def device(self):
+        return self.engine.device
+
+    @property
+    def global_step(self) -> int:
+        return int(self.engine.global_steps)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def forward(self, **batch):
+        import torch
+
+        dtype = next((p.dtype for p in self.engine.module.parameters() if p.is_floating_point()), None)
+        moved = {}
+        for k, v in batch.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(self.device)
+                if k == "pixel_values" and dtype is not None:
+                    v = v.to(dtype)
+            moved[k] = v
+        return self.engine(**moved)
+
+    def backward(self, loss) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> bool:
+        """Optimizer step at a gradient-accumulation boundary; returns whether one happened."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        return boundary
+
+    # -- checkpoints
+    def save_state(self, client_state: dict | None = None) -> None:
+        """Checkpoint model, optimizer, LR schedule, RNG and ``client_state`` (all ranks call this)."""
+        import torch
+
+        state = {"client": client_state or {}, "fingerprint": self.fingerprint,
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+        tag = f"step-{self.global_step:07d}"
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state)
+        if self.is_main:
+            atomic_write_json(self.ckpt_dir / "fingerprint.json", {"fingerprint": self.fingerprint})
+            for old in self.ckpt_dir.glob("step-*"):  # DS writes 'latest' after the tag: older tags can go
+                if old.name != tag and old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+
+    def load_state(self) -> dict | None:
+        """Restore the last checkpoint if it belongs to this exact run; returns its client state."""
+        import torch
+
+        if not self.cfg.resume or not (self.ckpt_dir / "latest").exists():
+            return None
+        try:
+            saved = json.loads((self.ckpt_dir / "fingerprint.json").read_text())["fingerprint"]
+        except (OSError, ValueError, KeyError):
+            saved = None
+        if saved != self.fingerprint:
+            if self.is_main:
+                print(f"checkpoint {self.ckpt_dir} is from a different run (config/data/model changed): starting fresh")
+                shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+            return None
+        path, state = self.engine.load_checkpoint(str(self.ckpt_dir))
+        if path is None:
+            return None
+        rng = state.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "python" in rng:
+            random.setstate(rng["python"])
+        if self.is_main:
+            print(f"resumed from {path} (step {self.global_step})")
+        return state.get("client", {})
+
+    def finish(self) -> None:
+        """Remove the checkpoints (call after the stage's output is safely in place)."""
+        if self.is_main:
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+
+    # -- export
+    def full_state_dict(self) -> dict:
+        """Every weight, complete and on CPU (ZeRO-3 partitions are gathered first)."""
+        module = self.engine.module
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- logs
+
+
+class TrainLog:
+    """``train_log.csv`` rows, kept in the checkpoint dir so a resumed run continues the curve."""
+
+    FIELDS = ["step", "epoch", "loss", "lr", "tokens", "tokens_per_s", "elapsed_s"]
+
+    def __init__(self, path: str | os.PathLike, fields: list[str] | None = None, resume_step: int = 0):
+        self.path = Path(path)
+        self.fields = fields or self.FIELDS
+        self.rows: list[dict] = []
+        if resume_step and self.path.exists():
+            with open(self.path, newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.fields)
+            w.writeheader()
+            w.writerows(self.rows)
+
+    def append(self, row: dict) -> None:
+        row = {k: row.get(k, "") for k in self.fields}
+        self.rows.append(row)
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.fields).writerow(row)
+
+    def copy_to(self, out: str | os.PathLike) -> None:
+        shutil.copyfile(self.path, out)
+
+
+# ----------------------------------------------------------------------------- supervised loop
+
+
+def plan(n_examples: int, cfg: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(micro-batches per epoch per rank, total optimizer steps)."""
+    if n_examples <= 0:
+        raise input_error(None, "data", "at least one training record", 0)
+    per_epoch = math.ceil(n_examples / (cfg.batch_size * world_size))
+    total = math.ceil(cfg.epochs * per_epoch / cfg.grad_accum)
+    if cfg.max_steps > 0:
+        total = min(total, cfg.max_steps) if cfg.epochs > 0 else cfg.max_steps
+    return per_epoch, max(1, total)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(f"{seed}/epoch/{epoch}").shuffle(order)
+    return order
+
+
+def micro_batch(n: int, seed: int, micro: int, per_epoch: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """Indices of global micro-batch ``micro`` for ``rank``: deterministic, so a resume skips exactly."""
+    epoch, j = divmod(micro, per_epoch)
+    order = epoch_order(n, seed, epoch)
+    start = (j * world + rank) * batch_size
+    return [order[(start + i) % n] for i in range(batch_size)]  # wrap: every rank gets a full batch
+
+
+def fit(engine: Engine, examples: list, collate: Callable[[list], dict], log: TrainLog, seed: int,
+        per_epoch: int, start_step: int = 0, desc: str = "train", on_step: Callable[[int], None] | None = None,
+        client_state: Callable[[], dict] | None = None) -> dict:
+    """Supervised loop shared by CPT and SFT; returns throughput/loss stats of this invocation."""
+    from tqdm import tqdm
+
+    cfg = engine.cfg
+    n = len(examples)
+    losses: list[float] = []
+    tokens = 0
+    t0 = time.perf_counter()
+    micro = start_step * cfg.grad_accum
+    bar = tqdm(total=engine.total_steps, initial=start_step, desc=desc, unit="step", disable=not engine.is_main,
+               dynamic_ncols=True)
+    acc_loss, acc_n = 0.0, 0
+    while engine.global_step < engine.total_steps:
+        idx = micro_batch(n, seed, micro, per_epoch, cfg.batch_size, engine.rank, engine.world_size)
+        batch = collate([examples[i] for i in idx])
+        tokens += int(batch["attention_mask"].sum())
+        out = engine.forward(**batch)
+        engine.backward(out.loss)
+        acc_loss += float(out.loss.detach())
+        acc_n += 1
+        micro += 1
+        if not engine.step():
+            continue
+        step = engine.global_step
+        loss = acc_loss / acc_n
+        acc_loss, acc_n = 0.0, 0
+        losses.append(loss)
+        el = time.perf_counter() - t0
+        if engine.is_main:
+            log.append({"step": step, "epoch": round(micro / per_epoch, 4), "loss": round(loss, 6),
+                        "lr": f"{engine.lr:.3e}", "tokens": tokens, "tokens_per_s": round(tokens / max(el, 1e-9), 1),
+                        "elapsed_s": round(el, 2)})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if cfg.save_every and step % cfg.save_every == 0 and step < engine.total_steps:
+            engine.save_state(client_state() if client_state else {})
+        if on_step is not None:
+            on_step(step)
+    bar.close()
+    wall = time.perf_counter() - t0
+    return {"steps_run": len(losses), "tokens": tokens, "wall_s": round(wall, 2),
+            "tokens_per_s": round(tokens / max(wall, 1e-9), 1), "losses": losses}
