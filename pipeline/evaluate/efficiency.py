@@ -67,7 +67,7 @@ def measure(ev) -> dict | None:
         for r in recs:
             pol = runner.policy_of(r, ds.root / "test.jsonl")
             imgs = [ds.store.open(ref) for ref in r.images]
-            out = {"id": r.id, "policy": r.policy}
+            out = {"id": r.id, "dataset": ds.name, "policy": r.policy}
             for kind, rendered in (("with_policy", runner.render(pol, ds.multimodal)), ("internalized", None)):
                 batch = encode(runner.processor, [build_messages(r, imgs, policy=rendered)], add_generation_prompt=True)
                 out[f"tokens_{kind}"] = int(batch["input_ids"].shape[1])
@@ -76,6 +76,15 @@ def measure(ev) -> dict | None:
     if not rows:
         return None
     ev._write("efficiency", rows)
+    out = summarize(rows)
+    datasets = sorted({r["dataset"] for r in rows})
+    if len(datasets) > 1:  # the paper reports each dataset separately; the top level pools them
+        out["by_dataset"] = {d: summarize([r for r in rows if r["dataset"] == d]) for d in datasets}
+    out["device"] = str(next(runner.model.parameters()).device)
+    return out
+
+
+def summarize(rows: list[dict]) -> dict:
     t_with = statistics.mean(r["tokens_with_policy"] for r in rows)
     t_int = statistics.mean(r["tokens_internalized"] for r in rows)
     p_with = statistics.mean(r["prefill_ms_with_policy"] for r in rows)
@@ -88,5 +97,4 @@ def measure(ev) -> dict | None:
         "prefill_ms_internalized": round(p_int, 3),
         "prefill_reduction_pct": M.reduction_pct(p_with, p_int),
         "n": len(rows),
-        "device": str(next(runner.model.parameters()).device),
     }
