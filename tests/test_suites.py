@@ -231,3 +231,48 @@ def test_report_table_seeds_in_context_rows_and_svg(tmp_path):
     assert len(bars) == 5  # In-Context: main + in-context (no override); TriMPI: all three
     with pytest.raises(InputError, match="NAME=metrics.json"):
         run_report(types.SimpleNamespace(variant=["nonsense"], out=str(tmp_path / "x.md"), svg=None, json=None))
+
+
+def test_optional_judge_scores_and_survives_failures(monkeypatch):
+    import http.server
+    import threading
+
+    from pipeline.data.records import Record
+    from pipeline.evaluate.judge import judge_referral
+
+    replies = iter(["Score: 7", "10", "I cannot grade this", None])
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server API
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, self.headers.get("Authorization"), body))
+            reply = next(replies)
+            if reply is None:
+                self.send_response(500)
+                self.end_headers()
+                return
+            data = json.dumps({"choices": [{"message": {"content": reply}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("OPENAI_API_KEY", "k-123")
+        pols = load_policies(ROOT / "policies/clevr")
+        name = sorted(pols)[0]
+        rec = Record(id="r", task="clevr", split="test", query="q", answer="Case 1", policy=name)
+        cfg = S.EvalConfig(judge_url=f"http://127.0.0.1:{srv.server_port}/v1", judge_model="m", judge_max_examples=4)
+        res = judge_referral(cfg, [(rec, "resp")] * 5, FakeRunner(pols))
+    finally:
+        srv.shutdown()
+    assert res == {"score": 8.5, "n": 2, "errors": 2, "model": "m"}  # only 4 sent; unparsable + HTTP 500 counted
+    path, auth, body = seen[0]
+    assert path == "/v1/chat/completions" and auth == "Bearer k-123" and body["model"] == "m"
+    assert f"Policy: {name}" in body["messages"][0]["content"] and "Gold answer: Case 1" in body["messages"][0]["content"]
