@@ -197,20 +197,55 @@ def test_card_scrubs_credentials():
                    "k": [1]}
 
 
+def test_cli_promote_list_rollback_against_s3(tmp_path, moto_endpoint, monkeypatch, capsys):
+    from pipeline.registry import run_list, run_rollback
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    import boto3
+
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket="cli")
+    params = tmp_path / "params.yaml"
+    params.write_text(f"registry:\n  root: s3://cli/{tmp_path.name}\n  model: m\n  endpoint_url: {moto_endpoint}\n")
+    metrics, gate = tmp_path / "eval.json", tmp_path / "gate.json"
+    metrics.write_text(json.dumps(_metrics(50)))
+    gate.write_text(json.dumps(PASSED))
+    for name in ("a", "b"):
+        args = types.SimpleNamespace(params=str(params), overrides=[], policies="policies", data=[],
+                                     model=str(_model(tmp_path, name, name.encode())), metrics=str(metrics),
+                                     gate=str(gate), out=str(tmp_path / "promote.json"))
+        assert run_promote(args) == 0
+    assert json.loads((tmp_path / "promote.json").read_text())["url"] == f"s3://cli/{tmp_path.name}/m/v2"
+    base = types.SimpleNamespace(params=str(params), overrides=[])
+    assert run_rollback(types.SimpleNamespace(**vars(base), to=None)) == 0
+    assert run_list(types.SimpleNamespace(**vars(base), all=False)) == 0
+    out = capsys.readouterr().out
+    assert "* v1" in out and "<- production" in out and "  v2" in out
+    card = boto3.client("s3", endpoint_url=moto_endpoint).get_object(Bucket="cli", Key=f"{tmp_path.name}/m/v1/card.json")
+    assert "s3cr3t" not in card["Body"].read().decode()  # credentials never reach the card
+
+
 @pytest.mark.slow
-def test_registry_on_real_seaweedfs(tmp_path):
-    s3server = pytest.importorskip("pipeline.s3server")
-    with s3server.S3Server(tmp_path / "weed") as srv:  # noqa: F841 - sets AWS_* for this process
-        import os
+def test_registry_on_real_seaweedfs(tmp_path, s3_server):
+    """Against a real S3-compatible server (SeaweedFS `weed mini` on 127.0.0.1, from tests/conftest.py)."""
+    endpoint = getattr(s3_server, "endpoint_url", None) or s3_server.endpoint
+    reg = Registry(open_storage(f"s3://trimpi-test/{tmp_path.name}", endpoint_url=endpoint, retries=3, backoff=0.1), "m")
+    assert reg.alias() is None
+    reg.promote(_model(tmp_path, "a", b"A" * 4096), _metrics(50), PASSED, {})
+    store = reg.s
+    real_replace = type(store).replace
 
-        import boto3
+    def crash(self, key, data):
+        raise KeyboardInterrupt("killed before the swap")
 
-        endpoint = srv.endpoint_url
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="registry")
-        reg = Registry(open_storage("s3://registry/team", endpoint_url=endpoint, retries=3, backoff=0.1), "m")
-        reg.promote(_model(tmp_path, "a", b"A" * 4096), _metrics(50), PASSED, {})
+    store.replace = types.MethodType(crash, store)
+    with pytest.raises(KeyboardInterrupt):
         reg.promote(_model(tmp_path, "b", b"B" * 4096), _metrics(60), PASSED, {})
-        assert reg.versions() == ["v1", "v2"] and reg.resolve("production") == "v2"
-        assert reg.rollback()["version"] == "v1"
-        assert (reg.fetch("production", tmp_path / "f") / "model.safetensors").read_bytes() == b"A" * 4096
-        assert os.environ.get("AWS_SECRET_ACCESS_KEY", "") not in json.dumps(reg.card("v1"))
+    assert reg.resolve("production") == "v1" and reg.is_complete("v2")
+    store.replace = types.MethodType(real_replace, store)
+    assert reg.promote(_model(tmp_path, "b", b"B" * 4096), _metrics(60), PASSED, {})["uploaded"] is False
+    assert reg.versions() == ["v1", "v2"] and reg.resolve("production") == "v2"
+    assert reg.rollback()["version"] == "v1"
+    assert (reg.fetch("production", tmp_path / "f") / "model.safetensors").read_bytes() == b"A" * 4096
+    assert [e["event"] for e in reg.log()] == ["promote", "promote", "rollback"]
