@@ -121,7 +121,7 @@ def validate(data_dir, policies_dir) -> list[CheckResult]:
          "name": "gta records: history holds exactly the previous steps"},
         {"type": "expect_column_values_to_be_between", "column": "query_len", "min_value": 1},
         {"type": "expect_column_values_to_be_between", "column": "instruction_len", "min_value": 1},
-    ], id_column="uid")
+    ])
 
     store = ImageStore(data_dir)
     decoded: dict[str, str | None] = {}
