@@ -293,7 +293,7 @@ class Evaluation:
     def override(self) -> dict | None:
         from pipeline.policy import load_policy
 
-        rows, found = [], False
+        rows, found, loaded = [], False, {}
         for ds, recs in self._records("override"):
             found = True
             pols = []
@@ -303,7 +303,7 @@ class Evaluation:
                     raise input_error(ds.root / "override.jsonl", f"{r.id}.meta.override_policy",
                                       "the path of the updated policy spec")
                 p = Path(ref) if Path(ref).is_absolute() else ds.root / ref
-                pol = load_policy(p)
+                pol = loaded[p] = loaded[p] if p in loaded else load_policy(p)
                 if pol.name != r.policy:
                     raise input_error(p, "name", f"the original policy name {r.policy!r} (published under it)", pol.name)
                 if r.policy_version and r.policy_version != pol.version:
