@@ -227,10 +227,12 @@ def test_cli_promote_list_rollback_against_s3(tmp_path, moto_endpoint, monkeypat
 
 
 @pytest.mark.slow
-def test_registry_on_real_seaweedfs(tmp_path, s3_server):
-    """Against a real S3-compatible server (SeaweedFS `weed mini` on 127.0.0.1, from tests/conftest.py)."""
-    endpoint = getattr(s3_server, "endpoint_url", None) or s3_server.endpoint
-    reg = Registry(open_storage(f"s3://trimpi-test/{tmp_path.name}", endpoint_url=endpoint, retries=3, backoff=0.1), "m")
+def test_registry_on_real_seaweedfs(tmp_path, s3_server, monkeypatch):
+    """Against a real S3-compatible server (SeaweedFS `weed mini` on 127.0.0.1, from tests/conftest.py);
+    the endpoint and keys come from the environment only (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)."""
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    reg = open_registry(RegistryConfig(root=f"s3://trimpi-test/{tmp_path.name}", model="m", retries=3, backoff_s=0.1))
     assert reg.alias() is None
     reg.promote(_model(tmp_path, "a", b"A" * 4096), _metrics(50), PASSED, {})
     store = reg.s
