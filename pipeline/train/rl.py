@@ -42,9 +42,10 @@ Distributed (same DeepSpeed engine as cpt/sft, ``pipeline/train/engine.py``):
 
 * laptop / CI: ``trimpi train rl --model models/sft --data data/clevr --policies policies --out models/rl``
   (one process, gloo, ZeRO-0).
-* one node, 8 GPUs: ``deepspeed --no_local_rank --num_gpus 8 -m pipeline.cli train rl ... --set zero_stage=2``
+* one node, 8 GPUs: ``deepspeed --no_local_rank --num_gpus 8 -m pipeline.cli train rl ... --set deepspeed=zero2``
 * several nodes: ``deepspeed --no_local_rank --hostfile infra/deepspeed/hostfile -m pipeline.cli train rl ...
-  --set zero_stage=3``. Each rank takes its own slice of every rollout batch; under ZeRO-3 the
+  --set deepspeed=zero3``. ``rollout_batch`` is per rank (each rank draws its own prompts; a DAPO
+  early stop is agreed by all ranks); under ZeRO-3 the
   parameters are gathered once per rollout batch (``deepspeed.zero.GatheredParameters`` around all
   ``generate`` calls of a step), never per token.
 """
@@ -93,7 +94,7 @@ def policy_loss(logp, old_logp, adv, mask, clip_low: float, clip_high: float, *,
 
     mask = mask.to(logp.dtype)
     ratio = torch.exp(logp - old_logp)
-    a = adv.to(logp.dtype)[:, None]
+    a = adv.to(logp.device, logp.dtype)[:, None]
     unclipped = -a * ratio
     clipped = -a * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     per_tok = torch.maximum(unclipped, clipped)
@@ -264,17 +265,18 @@ def rollout(model, processor, items: list, prompts: PromptCache, cfg: RLConfig,
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     eos = _eos_ids(model, tok)
     G = cfg.group_size
+    dev = next(model.parameters()).device
     halves = (False, True) if cfg.policy_rollout else (False,)
     groups = []
     for start in range(0, len(items), cfg.generation_batch):
         chunk = items[start:start + cfg.generation_batch]
         encs = [prompts.get(r, wp) for r in chunk for wp in halves]
-        batch = left_pad_cat(encs, pad_id)
+        batch = {k: v.to(dev) for k, v in left_pad_cat(encs, pad_id).items()}
         with torch.no_grad():
             out = model.generate(**batch, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                                  max_new_tokens=cfg.max_response_len, num_return_sequences=G,
                                  pad_token_id=pad_id, eos_token_id=sorted(eos))
-        resp = split_responses(out[:, batch["input_ids"].shape[1]:], eos, pad_id)
+        resp = split_responses(out[:, batch["input_ids"].shape[1]:].cpu(), eos, pad_id)
         for i, item in enumerate(chunk):
             rec = item[1]
             g = Group(record=rec, prompt=prompts.get(item, False))
@@ -308,6 +310,9 @@ def response_logprobs(model, prompt: dict, responses: list, temperature: float =
     """
     import torch
 
+    core = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
+    dev = next(core.parameters()).device
+    prompt = {k: v.to(dev) for k, v in prompt.items()}
     n = len(responses)
     L = max(int(r.numel()) for r in responses)
     P = prompt["input_ids"].shape[1]
@@ -316,12 +321,12 @@ def response_logprobs(model, prompt: dict, responses: list, temperature: float =
     for i, r in enumerate(responses):
         resp[i, :r.numel()] = r
         mask[i, :r.numel()] = 1
+    resp, mask = resp.to(dev), mask.to(dev)
     kw = {"input_ids": torch.cat([prompt["input_ids"].expand(n, P), resp], 1),
           "attention_mask": torch.cat([prompt["attention_mask"].expand(n, P), mask], 1)}
     for key in ("mm_token_type_ids", "token_type_ids"):
         if key in prompt:
-            kw[key] = torch.cat([prompt[key].expand(n, P), torch.zeros(n, L, dtype=prompt[key].dtype)], 1)
-    core = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
+            kw[key] = torch.cat([prompt[key].expand(n, P), torch.zeros(n, L, dtype=prompt[key].dtype, device=dev)], 1)
     if "pixel_values" in prompt:
         grid = prompt.get("image_grid_thw")
         if grid is not None:
@@ -360,7 +365,7 @@ def score_groups(model, groups: list[Group], cfg: RLConfig, attr: str) -> None:
             rows: list = []
             for idx in _chunks(len(g.responses), cfg.micro_batch):
                 lp, m = response_logprobs(model, g.prompt, [g.responses[i] for i in idx], cfg.temperature)
-                rows += [lp[j, :int(m[j].sum())].clone() for j in range(len(idx))]
+                rows += [lp[j, :int(m[j].sum())].float().cpu() for j in range(len(idx))]
             setattr(g, attr, rows)
 
 
@@ -382,8 +387,8 @@ def update(engine, groups: list[Group], cfg: RLConfig) -> dict:
                     resp = [g.responses[i] for i in idx]
                     logp, mask = response_logprobs(engine, g.prompt, resp, cfg.temperature)
                     L = logp.shape[1]
-                    old = _pad([g.old_logp[i] for i in idx], L) if g.old_logp is not None else logp.detach()
-                    ref = _pad([g.ref_logp[i] for i in idx], L) if g.ref_logp is not None else None
+                    old = _pad([g.old_logp[i] for i in idx], L).to(logp) if g.old_logp is not None else logp.detach()
+                    ref = _pad([g.ref_logp[i] for i in idx], L).to(logp) if g.ref_logp is not None else None
                     loss, st = policy_loss(logp, old, g.adv[idx], mask, cfg.clip_low, cfg.clip_high,
                                            ref_logp=ref, beta=cfg.kl_beta, agg=cfg.loss_agg, denom=denom)
                     engine.backward(loss)
@@ -507,7 +512,7 @@ def rl_step(engine, ref_model, stream: PromptStream, items: list, prompts: Promp
     t0 = time.time()
     model.eval()
     torch.manual_seed(seed * 7919 + step)  # sampling is reproducible per step (and across a resume)
-    with gathered(model, cfg.zero_stage):
+    with gathered(model, getattr(engine, "zero_stage", 0)):
         kept, info = collect_groups(stream, items, cfg.rollout_batch,
                                     lambda batch: rollout(model, processor, batch, prompts, cfg, reward_fn), cfg)
     if info["exhausted"]:
@@ -535,56 +540,37 @@ def _empty_update() -> dict:
 
 
 class RLEngine:
-    """DeepSpeed engine with the surface ``update`` needs: ``module``, ``__call__``, ``backward``, ``step``.
+    """The shared :class:`pipeline.train.engine.Engine` with the surface ``update`` needs.
 
-    DeepSpeed's own gradient accumulation is set to the number of micro-batches per optimizer
-    step (fixed: every group has G or 2G responses), so ZeRO-2/3 reduce gradients correctly;
-    ``backward`` does not rescale (the loss is already normalized over the update batch) and
-    ``step`` returns the global gradient norm of the optimizer step that just happened.
+    DeepSpeed's gradient accumulation is the number of micro-batches per optimizer step (fixed:
+    every group has G or 2G responses), so ZeRO-2/3 reduce gradients at the right boundary. The
+    loss handed to ``backward`` is already normalized over the whole update batch, so the 1/GAS
+    DeepSpeed applies is undone here; ``step`` returns the global gradient norm.
     """
 
-    def __init__(self, model, cfg: RLConfig, seed: int):
-        import os
+    def __init__(self, model, cfg: RLConfig, total_steps: int, ckpt_dir, fingerprint: dict, seed: int):
+        from pipeline.train.engine import Engine, TrainConfig
 
-        import deepspeed
-        import torch
-
-        # single process without a launcher: DeepSpeed otherwise goes looking for MPI
-        for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                     "MASTER_PORT": str(29500 + os.getpid() % 2000)}.items():
-            os.environ.setdefault(k, v)
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(".trimpi/torch_extensions").resolve()))
         per_group = math.ceil(cfg.group_size * (2 if cfg.policy_rollout else 1) / cfg.micro_batch)
         self.gas = cfg.update_batch * per_group
-        cuda = torch.cuda.is_available()
-        ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": self.gas,
-              "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay,
-                                                        "betas": [0.9, 0.999], "torch_adam": True}},
-              "gradient_clipping": cfg.grad_clip, "zero_optimization": {"stage": cfg.zero_stage},
-              "bf16": {"enabled": cuda}, "steps_per_print": 10 ** 9, "seed": seed}
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.ds, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds)
-        self.module = self.ds.module
+        updates = total_steps * cfg.ppo_epochs * (cfg.rollout_batch // cfg.update_batch)
+        tc = TrainConfig(epochs=cfg.epochs, max_steps=updates, lr=cfg.lr, batch_size=1, grad_accum=self.gas,
+                         warmup_ratio=0.0, weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip,
+                         deepspeed=cfg.deepspeed, save_every=cfg.save_every, resume=True)
+        self.eng = Engine(model, tc, updates, ckpt_dir, fingerprint=fingerprint, seed=seed)
+        self.module = self.eng.module
+        self.zero_stage = self.eng.zero_stage
 
     def __call__(self, **kw):
-        return self.ds(**kw)
+        return self.eng.forward(**kw)
 
     def backward(self, loss) -> None:
-        self.ds.backward(loss, scale_wrt_gas=False)
-        self.ds.step()  # a no-op for the optimizer until the accumulation boundary
+        self.eng.backward(loss * self.gas)
+        self.eng.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
 
     def step(self) -> float:
-        norm = self.ds.get_global_grad_norm()
+        norm = self.eng.engine.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
-
-    def save(self, ckpt: Path, client_state: dict) -> None:
-        self.ds.save_checkpoint(str(ckpt), tag="last", client_state=client_state)
-
-    def load(self, ckpt: Path) -> dict:
-        if not (ckpt / "last").exists():
-            return {}
-        _, state = self.ds.load_checkpoint(str(ckpt), tag="last")
-        return state or {}
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -631,77 +617,125 @@ def configure_train(parser) -> None:
     parser.add_argument("--policies", default="policies", help="policies root (rendered for PolicyRollout)")
     parser.add_argument("--out", required=True, help="output checkpoint dir (written atomically)")
     parser.add_argument("--metrics", default=None, help="also write metrics.json here (e.g. metrics/rl.json)")
+    parser.add_argument("--ckpt-dir", default=None, help="resume checkpoints (default: .trimpi/ckpt/rl-<hash>)")
+
+
+def _fingerprint(model_path: str, data_dirs: list[str], cfg: RLConfig, policies: str) -> dict:
+    """What a resumable checkpoint must match: input model, data, policies, config."""
+    from dataclasses import asdict
+
+    from pipeline.io import file_hash
+    from pipeline.policy import policies_version
+
+    mp = Path(model_path)
+    return {"model": {p.name: p.stat().st_size for p in sorted(mp.iterdir()) if p.is_file()},
+            "model_config": file_hash(mp / "config.json"), "policies": policies_version(policies),
+            "data": {str(d): file_hash(Path(d) / cfg.data_file) for d in data_dirs}, "rl": asdict(cfg)}
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on one (a stop must be collective, or the others hang)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
 
 
 def run_train(args) -> int:
-    import torch
-
     from pipeline.config import load_base, load_section
-    from pipeline.io import atomic_dir, atomic_write_json
-    from pipeline.model import load, save
-    from pipeline.policy import load_policies
+
     base = load_base(args.params)
     cfg = load_section(RLConfig, "rl", args.params, args.overrides).check(args.params).resolved()
-    torch.set_num_threads(base.threads)
-    torch.manual_seed(base.seed)
-    model, processor = load(args.model, threads=base.threads)
+    train_rl(cfg, args.model, args.data, args.policies, args.out, seed=base.seed, threads=base.threads,
+             ckpt_dir=args.ckpt_dir, metrics_path=args.metrics)
+    return 0
+
+
+def train_rl(cfg: RLConfig, model_path: str, data_dirs: list[str], policies: str, out: str, seed: int = 0,
+             threads: int = 1, ckpt_dir: str | None = None, metrics_path: str | None = None,
+             reward_fn: Callable = task_reward) -> dict:
+    """Library entry point of the stage (CLI and tests): RL from ``model_path`` into ``out``."""
+    import torch
+    from tqdm import tqdm
+
+    from pipeline.io import atomic_dir, atomic_write_json, input_error, stable_hash
+    from pipeline.model import load, save, set_threads
+    from pipeline.policy import load_policies
+    from pipeline.train.engine import setup_distributed
+    from pipeline.train.sft import model_card
+
+    cfg = cfg.resolved()
+    set_threads(threads)
+    rank, world = setup_distributed()
+    torch.manual_seed(seed)
+    model, processor = load(model_path, threads=threads)
     ref_model = None
-    if cfg.kl_beta:
-        ref_model, _ = load(args.model, threads=base.threads)
+    if cfg.kl_beta:  # the frozen reference is the starting checkpoint itself
+        ref_model, _ = load(model_path, threads=threads)
         ref_model.requires_grad_(False)
-    items, stores, multimodal = load_items(args.data, cfg)
-    prompts = PromptCache(processor, stores, load_policies(args.policies), multimodal)
+    items, stores, multimodal = load_items(data_dirs, cfg)
+    prompts = PromptCache(processor, stores, load_policies(policies), multimodal)
     items, skipped = filter_long(items, prompts, cfg)
     if len(items) < cfg.rollout_batch:
-        from pipeline.io import input_error
-
-        raise input_error(args.data[0], "rl.max_prompt_len", "enough prompts short enough to fit", skipped)
+        raise input_error(data_dirs[0], "rl.max_prompt_len", f"at least {cfg.rollout_batch} prompts that fit",
+                          f"{len(items)} ({skipped} too long)")
     steps = cfg.epochs * (len(items) // cfg.rollout_batch)
     steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
-
-    engine = RLEngine(model, cfg, base.seed)
-    ckpt = Path(str(args.out).rstrip("/") + ".ckpt")  # resumable state beside the atomic output dir
-    state = engine.load(ckpt)
-    if state:
-        print(f"rl: resuming from {ckpt} at step {state.get('step')}")
-    stream = PromptStream(len(items), base.seed)
-    rows: list[dict] = state.get("rows", [])
+    ckpt = Path(ckpt_dir or f".trimpi/ckpt/rl-{stable_hash(str(Path(out).resolve()), 8)}")
+    engine = RLEngine(model, cfg, steps, ckpt, _fingerprint(model_path, data_dirs, cfg, policies), seed)
+    stream = PromptStream(len(items), seed * 7 + rank)  # rollout_batch is per rank: each rank its own prompts
+    state = engine.eng.load_state() or {}
+    rows: list[dict] = list(state.get("rows", []))
     start = int(state.get("step", 0))
     if "stream" in state:
         stream.load(state["stream"])
-    stopped, reason = False, ""
-    from tqdm import tqdm
-
-    t0 = time.time()
+    stopped, reason, t0 = False, "", time.time()
     bar = tqdm(range(start, steps), desc=f"rl {cfg.algorithm}{'+poro' if cfg.policy_rollout else ''}",
-               initial=start, total=steps)
+               initial=start, total=steps, disable=rank != 0)
     for step in bar:
-        row, stopped = rl_step(engine, ref_model, stream, items, prompts, processor, cfg, step, base.seed)
+        row, stopped = rl_step(engine, ref_model, stream, items, prompts, processor, cfg, step, seed + rank,
+                               reward_fn)
         rows.append(row)
-        bar.set_postfix(reward=row["reward"], zv=row["zero_var_frac"], kl=row["kl"])
-        if stopped:
-            reason = (f"DAPO dynamic sampling hit the retry cap ({cfg.max_retries}) at step {step}: "
-                      f"stopping early after {step} full steps")
+        bar.set_postfix(reward=row["reward"], zero_var=row["zero_var_frac"])
+        if _any_rank(stopped):
+            stopped = True
+            reason = (f"DAPO dynamic sampling hit the retry cap ({cfg.max_retries} retries) at step {step}: "
+                      f"stopped early after {step} full steps")
             log.warning(reason)
             print(f"rl: {reason}")
             rows[-1]["stopped"] = True
             break
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
-            engine.save(ckpt, {"step": step + 1, "stream": stream.state(), "rows": rows})
+            engine.eng.save_state({"step": step + 1, "stream": stream.state(), "rows": rows})
     done = len(rows) - (1 if stopped else 0)
     metrics = summarize(rows, cfg, steps, done, stopped, reason, skipped, time.time() - t0)
-    with atomic_dir(args.out) as tmp:
-        save(getattr(engine, "module", engine), processor, tmp)
-        atomic_write_json(Path(tmp) / "metrics.json", metrics)
-        write_log(Path(tmp) / "train_log.csv", rows)
-    if args.metrics:
-        atomic_write_json(args.metrics, metrics)
-    import shutil
+    metrics.update(resumed_from_step=start, world_size=world, zero_stage=engine.eng.zero_stage, prompts=len(items))
+    sd = engine.eng.full_state_dict()
+    if rank == 0:
+        export = engine.module
+        if engine.eng.zero_stage == 3:  # partitions were gathered into sd: a plain model around them
+            from transformers import AutoModelForImageTextToText
 
-    shutil.rmtree(ckpt, ignore_errors=True)  # the finished model supersedes the resumable state
-    print(f"rl: {done}/{steps} steps, reward {metrics['reward_first']} -> {metrics['reward_last']}"
-          + (" (stopped early)" if stopped else "") + f" -> {args.out}")
-    return 0
+            export = AutoModelForImageTextToText.from_config(export.config)
+            export.load_state_dict(sd)
+        card = model_card(model_path)
+        card.update(stages=card.get("stages", []) + ["rl"], parent=str(model_path),
+                    rl={"algorithm": cfg.algorithm, "policy_rollout": cfg.policy_rollout})
+        with atomic_dir(out) as tmp:
+            save(export, processor, tmp)
+            atomic_write_json(tmp / "metrics.json", metrics)
+            atomic_write_json(tmp / "model_card.json", card)
+            write_log(tmp / "train_log.csv", rows)
+        if metrics_path:
+            atomic_write_json(metrics_path, metrics)
+        print(f"rl: {done}/{steps} steps, reward {metrics['reward_first']} -> {metrics['reward_last']}"
+              + (" (stopped early)" if stopped else "") + f" -> {out}")
+    engine.eng.finish()
+    return metrics
 
 
 def summarize(rows, cfg, planned, done, stopped, reason, skipped, seconds) -> dict:

@@ -86,7 +86,7 @@ class RLConfig:
     max_steps: int = 12
     """Cap on RL steps (0 = no cap, use ``epochs``). Tiny default keeps the embedded run to minutes."""
     lr: float = 1e-5
-    """AdamW learning rate, constant. Paper: 1e-6 (full fine-tune of 7B); the tiny model needs more."""
+    """Peak AdamW learning rate. Paper: 1e-6 (full fine-tune of 7B); the tiny model needs more."""
     weight_decay: float = 0.0
     """AdamW weight decay. Paper: not given (EasyR1 1e-2)."""
     grad_clip: float = 1.0
@@ -100,8 +100,9 @@ class RLConfig:
     """Use only the first N training prompts (0 = all); for smoke runs."""
     save_every: int = 4
     """RL steps between resumable checkpoints (0 = only the final model)."""
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage (0 on one CPU process; 2 or 3 across GPUs, see the module docstring of rl.py)."""
+    deepspeed: str = "zero0"
+    """DeepSpeed config: zero0 | zero2 | zero3 (``infra/deepspeed/``) or a JSON path; zero0 on one CPU process.
+    The learning rate follows the shared engine's schedule (cosine decay to 10 % of lr, no warm-up)."""
 
     def resolved(self) -> "RLConfig":
         """A copy with every algorithm-dependent ``None``/``auto`` replaced by the paper value."""
@@ -133,6 +134,4 @@ class RLConfig:
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise input_error(where, "rl.temperature/top_p", "temperature > 0 and 0 < top_p <= 1",
                               (self.temperature, self.top_p))
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise input_error(where, "rl.zero_stage", "0, 1, 2 or 3", self.zero_stage)
         return self
