@@ -30,6 +30,7 @@ from validation.expectations import CheckResult, python_check, run_expectations
 FILES = {"train.jsonl": "train", "cot.jsonl": "train", "test.jsonl": "test", "override.jsonl": "override"}
 QUERY_RE = r"^According to Policy: [A-Za-z0-9][A-Za-z0-9_.-]*, what should be the response for the given image\?$"
 RECORD_FIELDS = ["id", "task", "split", "query", "answer", "images", "policy", "policy_version", "cot", "context", "meta"]
+DERIVED = ["file", "line", "n_images", "query_chars", "cot_chars", "cot_words"]
 
 
 @dataclass
@@ -69,51 +70,62 @@ def _parse(path: Path) -> tuple[list[tuple[int, dict]], list[dict]]:
     return good, bad
 
 
-def _frame(rows: list[tuple[int, dict]]):
+def _frame(parsed: dict[str, list[tuple[int, dict]]]):
+    """One DataFrame over all files: scalar Record fields + ``file``, ``line`` and derived lengths."""
     import pandas as pd
 
     recs = []
-    for line, d in rows:
-        r = {k: d.get(k) for k in d}
-        for k in ("images", "context", "meta"):
-            if k in r:
-                r[k] = json.dumps(r[k], sort_keys=True)
-        cot = d.get("cot") or ""
-        r.update(line=line, n_images=len(d.get("images") or []), query_chars=len(d.get("query") or ""),
-                 cot_chars=len(cot), cot_words=len(cot.split()))
-        recs.append(r)
-    cols = RECORD_FIELDS + ["line", "n_images", "query_chars", "cot_chars", "cot_words"]
-    return pd.DataFrame(recs, columns=sorted(set(cols) | {k for r in recs for k in r}))
+    for fname, rows in parsed.items():
+        for line, d in rows:
+            r = {k: d.get(k) for k in d}
+            for k in ("images", "context", "meta"):
+                if k in r:
+                    r[k] = json.dumps(r[k], sort_keys=True)
+            cot = d.get("cot") or ""
+            r.update(file=fname, line=line, n_images=len(d.get("images") or []),
+                     query_chars=len(d.get("query") or ""), cot_chars=len(cot), cot_words=len(cot.split()))
+            recs.append(r)
+    cols = RECORD_FIELDS + DERIVED
+    return pd.DataFrame(recs, columns=cols + sorted({k for r in recs for k in r} - set(cols)))
 
 
-def _suite(fname: str, split: str, leaves: dict[str, list[str]], cfg: ValidateConfig) -> list[dict]:
-    """The GE expectations of one file; ``leaves`` maps policy name -> its case labels."""
+def _suite(files: list[str], leaves: dict[str, dict[str, list[str]]], cfg: ValidateConfig) -> list[dict]:
+    """The GE expectations over all files; ``leaves[file][policy]`` = that policy's case labels."""
+    def where(cond: str) -> dict:
+        return {"row_condition": cond, "condition_parser": "pandas"}
+
     exp: list[dict] = [
-        {"type": "expect_table_columns_to_match_set", "name": f"{fname}: schema (Record fields)",
-         "column_set": RECORD_FIELDS + ["line", "n_images", "query_chars", "cot_chars", "cot_words"],
-         "exact_match": True},
-        {"type": "expect_column_values_to_be_unique", "column": "id"},
+        {"type": "expect_table_columns_to_match_set", "name": "records: schema (Record fields)",
+         "column_set": RECORD_FIELDS + DERIVED, "exact_match": True},
+        {"type": "expect_compound_columns_to_be_unique", "column_list": ["file", "id"],
+         "name": "records: id unique within its file"},
         {"type": "expect_column_values_to_be_in_set", "column": "task", "value_set": ["clevr"]},
-        {"type": "expect_column_values_to_be_in_set", "column": "split", "value_set": [split]},
-        {"type": "expect_column_values_to_be_in_set", "column": "policy", "value_set": sorted(leaves)},
         {"type": "expect_column_values_to_match_regex", "column": "answer", "regex": r"^Case [0-9]+$"},
         {"type": "expect_column_values_to_match_regex", "column": "query", "regex": QUERY_RE},
-        {"type": "expect_column_values_to_be_between", "column": "n_images", "min_value": 1, "max_value": 1},
+        {"type": "expect_column_values_to_be_between", "column": "n_images", "min_value": 1, "max_value": 1,
+         "name": "records: exactly one image"},
         {"type": "expect_column_values_to_be_between", "column": "query_chars", "min_value": 20,
-         "max_value": cfg.max_query_chars},
+         "max_value": cfg.max_query_chars, "name": "records: query length in bounds"},
     ]
     for col in ("id", "task", "split", "query", "answer", "policy", "policy_version", "meta"):
         exp.append({"type": "expect_column_values_to_not_be_null", "column": col})
-    if fname == "train.jsonl":  # answer-only by contract: Direct SFT / RL must never see a CoT
-        exp.append({"type": "expect_column_values_to_be_between", "column": "cot_chars", "min_value": 0,
-                    "max_value": 0, "name": f"{fname}: answer-only (empty cot)"})
-    else:
-        exp.append({"type": "expect_column_values_to_be_between", "column": "cot_words",
-                    "min_value": cfg.min_cot_words, "max_value": cfg.max_cot_words})
-    for name, cases in sorted(leaves.items()):
-        exp.append({"type": "expect_column_values_to_be_in_set", "column": "answer", "value_set": cases,
-                    "row_condition": f'policy=="{name}"', "condition_parser": "pandas",
-                    "name": f"{fname}: answer is one of {name}'s cases"})
+    for fname in files:
+        is_file = f'file=="{fname}"'
+        exp.append({"type": "expect_column_values_to_be_in_set", "column": "split", "value_set": [FILES[fname]],
+                    "name": f"{fname}: split is {FILES[fname]!r}", **where(is_file)})
+        exp.append({"type": "expect_column_values_to_be_in_set", "column": "policy",
+                    "value_set": sorted(leaves.get(fname, {})), "name": f"{fname}: policy is known", **where(is_file)})
+        if fname == "train.jsonl":  # answer-only by contract: Direct SFT / RL must never see a CoT
+            exp.append({"type": "expect_column_values_to_be_between", "column": "cot_chars", "min_value": 0,
+                        "max_value": 0, "name": f"{fname}: answer-only (empty cot)", **where(is_file)})
+        else:
+            exp.append({"type": "expect_column_values_to_be_between", "column": "cot_words",
+                        "min_value": cfg.min_cot_words, "max_value": cfg.max_cot_words,
+                        "name": f"{fname}: CoT length in bounds", **where(is_file)})
+        for name, cases in sorted(leaves.get(fname, {}).items()):
+            exp.append({"type": "expect_column_values_to_be_in_set", "column": "answer", "value_set": cases,
+                        "name": f"{fname}: answer is one of {name}'s cases",
+                        **where(f'{is_file} and policy=="{name}"')})
     return exp
 
 
@@ -180,19 +192,19 @@ def validate(data_dir, policies_dir, config: ValidateConfig | None = None) -> li
             return _override_policy(data, (d.get("meta") or {}).get("override_policy"), over_cache)
         return policies.get(d.get("policy"))
 
-    # ---- great-expectations suites
+    # ---- great-expectations suite (one over all files: GE's cost is per expectation)
+    leaves: dict[str, dict[str, list[str]]] = {}
     for fname, rows in parsed.items():
-        if not rows:
-            continue
         if fname == "override.jsonl":
-            leaves = {}
             for _, d in rows:
                 pol = policy_of(fname, d)
-                if not isinstance(pol, Exception) and pol is not None:
-                    leaves[pol.name] = pol.leaves
+                if pol is not None and not isinstance(pol, Exception):
+                    leaves.setdefault(fname, {})[pol.name] = pol.leaves
         else:
-            leaves = {n: p.leaves for n, p in policies.items()}
-        results += run_expectations(fname, _frame(rows), _suite(fname, FILES[fname], leaves, cfg), max_rows=n_ex)
+            leaves[fname] = {n: p.leaves for n, p in policies.items()}
+    if any(parsed.values()):
+        results += run_expectations("records", _frame(parsed), _suite(sorted(parsed), leaves, cfg), max_rows=n_ex,
+                                    id_columns=["file", "line", "id"])
 
     # ---- labels re-derived, versions, CoT
     wrong, stale, cot_bad, unknown = [], [], [], []

@@ -81,18 +81,22 @@ def _default_name(suite: str, spec: dict) -> str:
 
 
 def run_expectations(name: str, df, expectations: list[dict], max_rows: int = EXAMPLE_ROWS,
-                     id_column: str = "id") -> list[CheckResult]:
+                     id_columns: str | list[str] = "id") -> list[CheckResult]:
     """Run ``expectations`` (dicts, see the module docstring) as one GE suite over ``df``.
 
-    Failing rows are reported by ``id_column`` (when present) and the offending value; an
+    Failing rows are reported by ``id_columns`` (those present) and the offending value; an
     expectation that cannot even run (a missing column) is a failed check whose details
-    carry GE's error message, never an exception.
+    carry GE's error message, never an exception. One suite per call: GE's cost is per
+    expectation and per validation, so validators should pass one DataFrame for all files
+    (with a ``file`` column and row conditions) rather than one call per file.
     """
     import great_expectations as gx
 
     ctx = _context()
     key = re.sub(r"[^A-Za-z0-9_]", "_", name)
-    ds_name = f"ds_{key}_{len(ctx.data_sources.all())}"
+    ds_name = f"ds_{key}"
+    if ds_name in ctx.data_sources.all():  # re-validating in the same process replaces the batch
+        ctx.data_sources.delete(ds_name)
     batch = (ctx.data_sources.add_pandas(ds_name).add_dataframe_asset("records")
              .add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": df}))
     suite = gx.ExpectationSuite(name=f"suite_{key}")
@@ -104,8 +108,9 @@ def run_expectations(name: str, df, expectations: list[dict], max_rows: int = EX
         suite.add_expectation(cls(**spec, meta={"check_index": i}))
         names.append(check)
     fmt: dict[str, Any] = {"result_format": "COMPLETE"}
-    if id_column in df.columns:
-        fmt["unexpected_index_column_names"] = [id_column]
+    ids = [c for c in ([id_columns] if isinstance(id_columns, str) else id_columns) if c in df.columns]
+    if ids:
+        fmt["unexpected_index_column_names"] = ids
     res = batch.validate(suite, result_format=fmt)
     out: list[CheckResult | None] = [None] * len(names)
     for r in res.results:

@@ -39,17 +39,21 @@ def configure_new(parser) -> None:
 
 def run_new(args) -> int:
     from pipeline.config import load_base
-    from pipeline.policy.clevr import sample_policy
+    from pipeline.policy.clevr import ClevrPolicy, sample_name, sample_policy
 
     if args.depth < 1 or args.count < 1:
         raise input_error("--depth/--count", None, "positive integers", (args.depth, args.count))
     seed = load_base(args.params).seed if args.seed is None else args.seed
     out = Path(args.out or f"policies/{args.kind}")
     taken = _names_under(out.parent) | _names_under(out)
-    # one stream per (seed, depth): adding --count later extends, never reshuffles, earlier policies
+    # one stream per (seed, depth); a name that is already taken is replaced from a second
+    # stream, so the trees never depend on which names exist already
     rng = random.Random(f"clevr-policy/{seed}/{args.depth}")
+    name_rng = random.Random(f"clevr-policy-name/{seed}/{args.depth}")
     for i in range(args.count):
-        pol = sample_policy(args.depth, rng, taken=taken)
+        pol = sample_policy(args.depth, rng)
+        if pol.name in taken:
+            pol = ClevrPolicy.from_spec({**pol.to_spec(), "name": sample_name(args.depth, name_rng, taken)})
         taken.add(pol.name)
         path = out / f"{pol.name}.yaml"
         header = (f"# ClevrPolicy sampled by `trimpi policy new clevr --depth {args.depth} --seed {seed}` (#{i}).\n"
