@@ -85,6 +85,15 @@ def read_records(path: str | os.PathLike) -> list[Record]:
     return [Record.from_dict(d, path, i + 1) for i, d in enumerate(read_jsonl(path))]
 
 
+def _member(name: str) -> zipfile.ZipInfo:
+    """A zip entry with a fixed timestamp: the same images give byte-identical shards, so DVC
+    sees no change (and re-runs nothing downstream) when a regenerated dataset is the same."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o644 << 16
+    return info
+
+
 class ImageStore:
     """Read and write images of one dataset directory, packed into zip shards.
 
@@ -113,14 +122,14 @@ class ImageStore:
         buf = io.BytesIO()
         fmt = fmt or ("JPEG" if name.lower().endswith((".jpg", ".jpeg")) else "PNG")
         image.save(buf, format=fmt)
-        self._writer.writestr(name, buf.getvalue())
+        self._writer.writestr(_member(name), buf.getvalue())
         self._count += 1
         return f"{self.subdir}/{self._writer_name}/{name}"
 
     def add_bytes(self, data: bytes, name: str) -> str:
         if self._writer is None or self._count >= self.shard_size:
             self._rotate()
-        self._writer.writestr(name, data)
+        self._writer.writestr(_member(name), data)
         self._count += 1
         return f"{self.subdir}/{self._writer_name}/{name}"
 
