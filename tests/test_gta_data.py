@@ -91,7 +91,7 @@ def test_override_set_is_labelled_under_the_rewritten_policy(sample, pol):
 def test_generation_is_deterministic(sample, pol, tmp_path):
     out, _ = sample
     build(pol, GenerateGtaConfig(), tmp_path / "again", seed=0)
-    for f in ("train.jsonl", "cot.jsonl", "test.jsonl", "override.jsonl"):
+    for f in ("train.jsonl", "cot.jsonl", "test.jsonl", "override.jsonl", "images/shard-00000.zip"):
         assert (tmp_path / "again" / f).read_bytes() == (out / f).read_bytes()
 
 
