@@ -11,6 +11,7 @@ and exits 2; a failed gate or validation exits 1.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -90,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         rc = getattr(mod, f"run_{name}")(args)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # Disk full, read-only or permission-denied output dirs: every writer goes through
+        # pipeline.io's temp-then-rename, so the previous outputs are still intact.
+        if e.errno not in (errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT):
+            raise
+        print(f"error: cannot write {e.filename or 'output'}: {e.strerror} "
+              "(nothing was half-written; previous outputs are intact)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -101,3 +101,41 @@ def test_cli_does_not_import_heavy_libraries():
 
 def test_cli_unknown_command_exits_2():
     assert main(["frobnicate"]) == 2
+
+
+def test_unwritable_output_is_a_clear_error_and_keeps_old_output(tmp_path, capsys, monkeypatch):
+    import os
+
+    import pipeline.cli as cli
+
+    out = tmp_path / "metrics.json"
+    out.write_text("old")
+
+    def configure_x(p):
+        p.add_argument("--out")
+
+    def run_x(args):
+        from pipeline.io import atomic_write_json
+
+        atomic_write_json(args.out, {"new": 1})
+
+    import types
+
+    mod = types.ModuleType("fake_stage")
+    mod.configure_x, mod.run_x = configure_x, run_x
+    monkeypatch.setitem(__import__("sys").modules, "fake_stage", mod)
+    monkeypatch.setitem(cli.COMMANDS, ("fakex",), ("fake_stage:x", "test"))
+    os.chmod(tmp_path, 0o500)
+    try:
+        if os.access(tmp_path, os.W_OK):  # root ignores permissions: simulate ENOSPC instead
+            import errno
+
+            def full(*a, **k):
+                raise OSError(errno.ENOSPC, "No space left on device", str(out))
+            monkeypatch.setattr("pipeline.io._tmp_sibling", full)
+        rc = cli.main(["fakex", "--out", str(out)])
+    finally:
+        os.chmod(tmp_path, 0o700)
+    assert rc == 2
+    assert "previous outputs are intact" in capsys.readouterr().err
+    assert out.read_text() == "old"
