@@ -157,9 +157,11 @@ def test_direct_sft_cli_and_lora_auto_is_full_ft_for_tiny(setup):
     params = setup / "params.yaml"
     out = setup / "direct"
     rc = main(["train", "sft", "--direct", "--params", str(params), "--set", "max_steps=2", "--set", "batch_size=2",
-               "--model", str(setup / "init"), "--data", str(setup / "data"), "--out", str(out)])
+               "--model", str(setup / "init"), "--data", str(setup / "data"), "--out", str(out),
+               "--metrics", str(setup / "m" / "direct.json"), "--log", str(setup / "m" / "direct.csv")])
     assert rc == 0
-    m = json.loads((out / "metrics.json").read_text())
+    assert (setup / "m" / "direct.csv").read_text() == (out / "train_log.csv").read_text()
+    m = json.loads((setup / "m" / "direct.json").read_text())
     assert m["stage"] == "direct_sft" and m["lora"] is False and m["config"]["data_file"] == "train.jsonl"
     assert not (out / "adapter").exists()
     assert main(["train", "sft", "--params", str(params), "--model", str(setup / "nope"), "--data",

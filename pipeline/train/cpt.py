@@ -43,11 +43,13 @@ def configure_train(parser) -> None:
 
 def run_train(args) -> int:
     from pipeline.config import load_base, load_section
+    from pipeline.train.sft import publish
 
     base = load_base(args.params)
     cfg = load_section(CPTConfig, "cpt", args.params, args.overrides)
     train_cpt(cfg, args.model, args.data, args.policies, args.out, seed=base.seed, threads=base.threads,
               ckpt_dir=args.ckpt_dir)
+    publish(args.out, args.metrics, args.log)
     return 0
 
 

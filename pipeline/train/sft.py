@@ -237,6 +237,20 @@ def add_common_args(parser, policies: bool = False) -> None:
         parser.add_argument("--policies", default="policies", help="policy specs root (default: policies)")
     parser.add_argument("--out", required=True, help="output checkpoint dir (written atomically)")
     parser.add_argument("--ckpt-dir", default=None, help="resume checkpoints (default: .trimpi/ckpt/<stage>-<hash>)")
+    parser.add_argument("--metrics", default=None, help="also write metrics.json here (DVC metrics outside --out)")
+    parser.add_argument("--log", default=None, help="also write train_log.csv here (DVC plot outside --out)")
+
+
+def publish(out: str, metrics: str | None, log: str | None) -> None:
+    """Copy the stage's metrics/log next to the other DVC metrics (a file inside an output dir
+    cannot be declared as a separate DVC metric)."""
+    from pipeline.io import atomic_write_bytes
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    for src, dst in (("metrics.json", metrics), ("train_log.csv", log)):
+        if dst:
+            atomic_write_bytes(dst, (Path(out) / src).read_bytes())
 
 
 def configure_train(parser) -> None:
@@ -252,6 +266,7 @@ def run_train(args) -> int:
     cfg = load_section(cls, section, args.params, args.overrides)
     train_sft(cfg, args.model, args.data, args.out, direct=args.direct, seed=base.seed,
               threads=base.threads, ckpt_dir=args.ckpt_dir)
+    publish(args.out, args.metrics, args.log)
     return 0
 
 
