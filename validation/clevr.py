@@ -129,6 +129,11 @@ def _suite(files: list[str], leaves: dict[str, dict[str, list[str]]], cfg: Valid
     return exp
 
 
+def _meta(d: dict) -> dict:
+    m = d.get("meta")
+    return m if isinstance(m, dict) else {}
+
+
 def _override_policy(data: Path, rel, cache: dict):
     """The override spec a record points to (must live inside the dataset dir)."""
     from pipeline.policy import load_policy
@@ -189,7 +194,7 @@ def validate(data_dir, policies_dir, config: ValidateConfig | None = None) -> li
 
     def policy_of(fname: str, d: dict):
         if fname == "override.jsonl":
-            return _override_policy(data, (d.get("meta") or {}).get("override_policy"), over_cache)
+            return _override_policy(data, _meta(d).get("override_policy"), over_cache)
         return policies.get(d.get("policy"))
 
     # ---- great-expectations suite (one over all files: GE's cost is per expectation)
@@ -217,16 +222,16 @@ def validate(data_dir, policies_dir, config: ValidateConfig | None = None) -> li
                 continue
             if d.get("policy_version") != pol.version:
                 stale.append({**rid, "record_version": d.get("policy_version"), "policy_version": pol.version})
-            scene = (d.get("meta") or {}).get("scene")
+            scene = _meta(d).get("scene")
             try:
                 case, path = pol.evaluate(scene)
             except (TypeError, KeyError, AttributeError):
                 wrong.append({**rid, "answer": d.get("answer"), "rederived": None, "error": "no usable meta.scene"})
                 continue
             gold = [[c, b] for c, b in path]
-            if case != d.get("answer") or gold != (d.get("meta") or {}).get("gold_path"):
+            if case != d.get("answer") or gold != _meta(d).get("gold_path"):
                 wrong.append({**rid, "answer": d.get("answer"), "rederived": case,
-                              "gold_path": (d.get("meta") or {}).get("gold_path"), "rederived_path": gold})
+                              "gold_path": _meta(d).get("gold_path"), "rederived_path": gold})
             cot = d.get("cot") or ""
             if cot:
                 m = re.search(r"(Case [0-9]+)\.?\s*$", cot)
