@@ -86,6 +86,15 @@ def manual_logprobs(model, proc, rec, img, policy, resp):
     return torch.log_softmax(logits, -1).gather(-1, resp[:, None])[:, 0]
 
 
+def roll(tiny, world, cfg, reward_fn, seed):
+    """One prompt's group, through the same path as training (rollout, then group advantages)."""
+    model, proc = tiny
+    torch.manual_seed(seed)
+    (g,), info = rl.collect_groups(rl.PromptStream(1, 0), [world["item"]], 1,
+                                   lambda b: rl.rollout(model, proc, b, world["cache"], cfg, reward_fn), cfg)
+    return g
+
+
 def varied_reward(record, text):
     return float(len(text) % 3 == 0), float(len(text) % 2)
 
@@ -94,8 +103,7 @@ def test_a_policy_aware_logprobs_in_loss_are_policy_free(tiny, world, monkeypatc
     model, proc = tiny
     model = copy.deepcopy(model)
     cfg = RLConfig(group_size=3, max_response_len=10, micro_batch=4).resolved()
-    torch.manual_seed(0)
-    (g,) = rl.rollout(model, proc, [world["item"]], world["cache"], cfg, varied_reward)
+    g = roll((model, proc), world, cfg, varied_reward, seed=0)
     assert g.with_policy == [False] * 3 + [True] * 3
 
     seen = []
@@ -126,8 +134,7 @@ def test_a_policy_aware_logprobs_in_loss_are_policy_free(tiny, world, monkeypatc
 def test_b_advantages_normalized_over_all_2G(tiny, world):
     model, proc = tiny
     cfg = RLConfig(group_size=4, max_response_len=8).resolved()
-    torch.manual_seed(1)
-    (g,) = rl.rollout(model, proc, [world["item"]], world["cache"], cfg, varied_reward)
+    g = roll(tiny, world, cfg, varied_reward, seed=1)
     r = g.rewards
     assert len(r) == 8
     assert torch.allclose(g.adv, (r - r.mean()) / (r.std() + 1e-6))
@@ -141,8 +148,7 @@ def test_c_equal_rewards_give_no_policy_gradient(tiny, world):
     model, proc = tiny
     model = copy.deepcopy(model)
     cfg = RLConfig(group_size=3, max_response_len=8, kl_beta=0.0).resolved()
-    torch.manual_seed(2)
-    (g,) = rl.rollout(model, proc, [world["item"]], world["cache"], cfg, lambda rec, text: (1.0, 1.0))
+    g = roll((model, proc), world, cfg, lambda rec, text: (1.0, 1.0), seed=2)
     assert torch.all(g.adv == 0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     engine = AdamEngine(model, lr=1e-2)

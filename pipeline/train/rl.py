@@ -4,8 +4,8 @@ One RL step, in the spirit of nanochat's ``chat_rl.py``::
 
     prompts   <- next rollout_batch records (query + images; never the policy)
     rollouts  <- per prompt, G samples WITHOUT the policy and (PolicyRollout) G samples WITH the
-                 policy text + policy images in context; one ``generate`` call per generation_batch
-                 prompts, each prompt's images encoded once and shared by its G samples
+                 policy text + policy images in context; one ``generate`` call per half of every
+                 generation_batch prompts, each prompt's images encoded once for its G samples
     rewards   <- w_acc * accuracy + w_fmt * format, per response
     advantage <- (r - mean) / (std + 1e-6) over the prompt's whole group (all 2G together)
     [DAPO]    <- drop groups whose rewards are all equal, sample new prompts, at most max_retries rounds
@@ -33,6 +33,8 @@ Where this departs from textbook GRPO (DeepSeekMath) and DAPO, on purpose:
 * KL is the k3 estimator exp(ref - logp) - (ref - logp) - 1 per token, added to the loss (GRPO);
   DAPO has none and loads no reference model. DAPO's overlong-response reward shaping is not
   implemented (truncated responses simply score 0 accuracy unless they already boxed an answer).
+* Visual placeholder tokens (``<|image_pad|>`` ...) are suppressed while sampling (a sampled one
+  would be read as an image slot when scoring); the scored log-probs ignore that suppression.
 * std is the unbiased group standard deviation; a zero-variance group gets advantage exactly 0,
   so it contributes no policy-gradient term (only KL, for GRPO).
 * DAPO dynamic sampling counts one "retry" per extra generation round of a step; when the cap is
@@ -51,18 +53,17 @@ Distributed (same DeepSpeed engine as cpt/sft, ``pipeline/train/engine.py``):
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import math
 import random
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from pipeline.train.rl_config import RLConfig
+from pipeline.train.rl_rollout import (Group, PromptCache, chunks, gathered, response_logprobs,  # noqa: F401
+                                       rollout, score_groups, task_reward)
 
 log = logging.getLogger("trimpi.rl")
 
@@ -118,235 +119,6 @@ def policy_loss(logp, old_logp, adv, mask, clip_low: float, clip_high: float, *,
     return loss, stats
 
 
-# ----------------------------------------------------------------------------- rewards
-
-
-def task_reward(record, text: str) -> tuple[float, float]:
-    """(accuracy, format) of one response. ClevrPolicy: exact match of the boxed answer; GTAPolicy:
-    0.5 tool + 0.5 args from the GTA scorers; anything else: exact match."""
-    from pipeline.model.prompts import format_ok, parse_answer
-
-    fmt = 1.0 if format_ok(text) else 0.0
-    pred = parse_answer(text)
-    if pred is None:
-        return 0.0, fmt
-    if record.task == "gta":
-        from pipeline.evaluate.gta_scoring import reward
-
-        return float(reward(pred, record.answer)), fmt
-    return (1.0 if pred.strip() == record.answer.strip() else 0.0), fmt
-
-
-# ----------------------------------------------------------------------------- prompts and rollouts
-
-
-@dataclass
-class Group:
-    """One prompt and all its sampled responses (G free + G policy-aware under PoRo)."""
-
-    record: Any
-    prompt: dict
-    """The POLICY-FREE prompt, batch of one, as the processor encoded it: every score uses this."""
-    responses: list = field(default_factory=list)
-    """Sampled token ids per response (EOS included when the model stopped)."""
-    with_policy: list = field(default_factory=list)
-    texts: list = field(default_factory=list)
-    acc: list = field(default_factory=list)
-    fmt: list = field(default_factory=list)
-    rewards: Any = None
-    adv: Any = None
-    old_logp: list | None = None
-    ref_logp: list | None = None
-
-
-class PromptCache:
-    """Encodes each record's policy-free and policy-aware prompt once and keeps the last ``size``.
-
-    Policies are rendered once per name; images are decoded once per record. The two prompts of a
-    record differ only by the policy parts (``build_messages`` contract).
-    """
-
-    def __init__(self, processor, stores: dict, policies: dict, multimodal: dict, size: int = 512):
-        self.processor, self.stores, self.policies, self.multimodal = processor, stores, policies, multimodal
-        self.size = size
-        self._rendered: dict = {}
-        self._cache: OrderedDict = OrderedDict()
-
-    def rendered(self, source: str, record):
-        from pipeline.io import input_error
-
-        key = (source, record.policy)
-        if key not in self._rendered:
-            pol = self.policies.get(record.policy)
-            if pol is None:
-                raise input_error(source, f"record {record.id}.policy",
-                                  "a policy name found under --policies", record.policy)
-            self._rendered[key] = pol.render(multimodal=self.multimodal.get(source, False))
-        return self._rendered[key]
-
-    def get(self, item, with_policy: bool) -> dict:
-        """Encoded prompt of ``item`` = (source data dir, record), with or without its policy."""
-        source, record = item
-        k = (source, record.id, with_policy)
-        if k in self._cache:
-            self._cache.move_to_end(k)
-            return self._cache[k]
-        from pipeline.model.masking import encode
-        from pipeline.model.prompts import build_messages
-
-        store = self.stores[source]
-        images = [store.open(ref) for ref in record.images]
-        policy = self.rendered(source, record) if with_policy else None
-        enc = encode(self.processor, [build_messages(record, images, policy=policy)], add_generation_prompt=True)
-        enc = {k2: v for k2, v in enc.items() if v is not None and k2 != "labels"}
-        self._cache[k] = enc
-        if len(self._cache) > self.size:
-            self._cache.popitem(last=False)
-        return enc
-
-
-SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
-
-
-def left_pad_cat(encs: list[dict], pad_id: int) -> dict:
-    """Collate single-prompt encodings into one left-padded batch (generation needs left padding)."""
-    import torch
-
-    n = max(e["input_ids"].shape[1] for e in encs)
-    out: dict = {}
-    for key in encs[0]:
-        vals = [e[key] for e in encs]
-        if key in SEQ_KEYS:
-            fill = pad_id if key == "input_ids" else 0
-            out[key] = torch.cat([torch.nn.functional.pad(v, (n - v.shape[1], 0), value=fill) for v in vals])
-        else:
-            out[key] = torch.cat(vals)
-    return out
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
-
-
-def split_responses(rows, eos: set[int], pad_id: int) -> list:
-    """Generated rows -> per-row token ids up to and including the first EOS (no padding)."""
-    out = []
-    for row in rows:
-        ids = row.tolist()
-        cut = next((i + 1 for i, t in enumerate(ids) if t in eos), None)
-        if cut is None:  # truncated at max_response_len: generate pads only after EOS, so keep all
-            cut = len(ids)
-        out.append(row[:cut].clone())
-    return out
-
-
-@contextlib.contextmanager
-def gathered(model, zero_stage: int):
-    """ZeRO-3 shards parameters: gather them ONCE around all generate calls of a rollout batch."""
-    if zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            yield
-    else:
-        yield
-
-
-def rollout(model, processor, items: list, prompts: PromptCache, cfg: RLConfig,
-            reward_fn: Callable = task_reward) -> list[Group]:
-    """Sample G (or G + G with the policy) responses per item = (source, record) and score them."""
-    import torch
-
-    tok = processor.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    eos = _eos_ids(model, tok)
-    G = cfg.group_size
-    dev = next(model.parameters()).device
-    halves = (False, True) if cfg.policy_rollout else (False,)
-    groups = []
-    for start in range(0, len(items), cfg.generation_batch):
-        chunk = items[start:start + cfg.generation_batch]
-        # One generate call per half: the policy-aware prompts are several times longer, and
-        # left-padding the short ones to their length made PoRo generation 3.7x slower (bench_rl.py).
-        resp = {}
-        for wp in halves:
-            batch = left_pad_cat([prompts.get(it, wp) for it in chunk], pad_id)
-            batch = {k: v.to(dev) for k, v in batch.items()}
-            with torch.no_grad():
-                out = model.generate(**batch, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
-                                     top_k=0, max_new_tokens=cfg.max_response_len, num_return_sequences=G,
-                                     pad_token_id=pad_id, eos_token_id=sorted(eos))
-            resp[wp] = split_responses(out[:, batch["input_ids"].shape[1]:].cpu(), eos, pad_id)
-        for i, item in enumerate(chunk):
-            rec = item[1]
-            g = Group(record=rec, prompt=prompts.get(item, False))
-            for wp in halves:
-                rows = resp[wp][i * G:(i + 1) * G]
-                g.responses += rows
-                g.with_policy += [wp] * len(rows)
-            g.texts = tok.batch_decode(g.responses, skip_special_tokens=True)
-            for text in g.texts:
-                a, f = reward_fn(rec, text)
-                g.acc.append(a)
-                g.fmt.append(f)
-            g.rewards = torch.tensor([cfg.w_acc * a + cfg.w_fmt * f for a, f in zip(g.acc, g.fmt)])
-            g.adv = group_advantages(g.rewards[None])[0]
-            groups.append(g)
-    return groups
-
-
-def _accepts(model, name: str) -> bool:
-    import inspect
-
-    return name in inspect.signature(model.forward).parameters
-
-
-def response_logprobs(model, prompt: dict, responses: list, temperature: float = 1.0):
-    """log pi(response token | prompt, previous tokens) for responses continuing ONE prompt.
-
-    The prompt's images go through the vision tower once and the features are shared by every row
-    (``mm_encoder_outputs``), so a micro-batch of n responses costs one image encoding, with
-    gradient. Returns (logp [n, L], mask [n, L]) with responses right-padded to L.
-    """
-    import torch
-
-    core = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
-    dev = next(core.parameters()).device
-    prompt = {k: v.to(dev) for k, v in prompt.items()}
-    n = len(responses)
-    L = max(int(r.numel()) for r in responses)
-    P = prompt["input_ids"].shape[1]
-    resp = torch.zeros(n, L, dtype=torch.long)
-    mask = torch.zeros(n, L, dtype=torch.long)
-    for i, r in enumerate(responses):
-        resp[i, :r.numel()] = r
-        mask[i, :r.numel()] = 1
-    resp, mask = resp.to(dev), mask.to(dev)
-    kw = {"input_ids": torch.cat([prompt["input_ids"].expand(n, P), resp], 1),
-          "attention_mask": torch.cat([prompt["attention_mask"].expand(n, P), mask], 1)}
-    for key in ("mm_token_type_ids", "token_type_ids"):
-        if key in prompt:
-            kw[key] = torch.cat([prompt[key].expand(n, P), torch.zeros(n, L, dtype=prompt[key].dtype, device=dev)], 1)
-    if "pixel_values" in prompt:
-        grid = prompt.get("image_grid_thw")
-        if grid is not None:
-            kw["image_grid_thw"] = grid.repeat(n, 1)
-        if _accepts(core, "mm_encoder_outputs") and hasattr(core, "get_image_features"):
-            from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-            feats = core.get_image_features(prompt["pixel_values"], grid, return_dict=True).pooler_output
-            kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats) * n)}
-        else:
-            kw["pixel_values"] = prompt["pixel_values"].repeat(n, *([1] * (prompt["pixel_values"].dim() - 1)))
-    logits = model(**kw, logits_to_keep=L + 1).logits[:, :L].float()
-    logp = torch.log_softmax(logits / temperature, -1).gather(-1, resp[..., None])[..., 0]
-    return logp * mask, mask
-
-
 def _pad(rows: list, L: int):
     import torch
 
@@ -354,23 +126,6 @@ def _pad(rows: list, L: int):
     for i, r in enumerate(rows):
         out[i, :r.numel()] = r
     return out
-
-
-def _chunks(n: int, size: int):
-    return [list(range(s, min(n, s + size))) for s in range(0, n, size)]
-
-
-def score_groups(model, groups: list[Group], cfg: RLConfig, attr: str) -> None:
-    """Fill ``group.<attr>`` (``old_logp`` / ``ref_logp``) with per-response log-probs on the policy-free prompt."""
-    import torch
-
-    with torch.no_grad():
-        for g in groups:
-            rows: list = []
-            for idx in _chunks(len(g.responses), cfg.micro_batch):
-                lp, m = response_logprobs(model, g.prompt, [g.responses[i] for i in idx], cfg.temperature)
-                rows += [lp[j, :int(m[j].sum())].float().cpu() for j in range(len(idx))]
-            setattr(g, attr, rows)
 
 
 def update(engine, groups: list[Group], cfg: RLConfig) -> dict:
@@ -387,7 +142,7 @@ def update(engine, groups: list[Group], cfg: RLConfig) -> dict:
             n_tok = sum(int(r.numel()) for g in ub for r in g.responses)
             denom = float(n_tok if cfg.loss_agg == "token_mean" else n_resp)
             for g in ub:
-                for idx in _chunks(len(g.responses), cfg.micro_batch):
+                for idx in chunks(len(g.responses), cfg.micro_batch):
                     resp = [g.responses[i] for i in idx]
                     logp, mask = response_logprobs(engine, g.prompt, resp, cfg.temperature)
                     L = logp.shape[1]
@@ -457,6 +212,8 @@ def collect_groups(stream: PromptStream, items: list, need: int, rollout_fn: Cal
             info["retries"] += 1
         rounds += 1
         groups = rollout_fn([items[i] for i in stream.take(need - len(kept))])
+        for g in groups:  # advantages over the prompt's WHOLE group: free and policy-aware together
+            g.adv = group_advantages(g.rewards[None])[0]
         for g, zv in zip(groups, zero_variance([g.rewards for g in groups])):
             info["generated"] += 1
             info["zero_var"] += int(zv)

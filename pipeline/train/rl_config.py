@@ -65,8 +65,8 @@ class RLConfig:
     """Nucleus sampling. Paper: not given (EasyR1 0.99)."""
     max_prompt_len: int = 2048
     """Prompts (the policy-aware one included) longer than this many tokens are skipped and counted."""
-    max_response_len: int = 48
-    """Max new tokens per response. Paper: not given (EasyR1 2048)."""
+    max_response_len: int = 128
+    """Max new tokens per response (the tiny CoT + boxed answer is ~100 tokens). Paper: not given (EasyR1 2048)."""
 
     rollout_batch: int = 4
     """Prompts per RL step (each gives G or 2G responses). Paper: 384 ClevrPolicy, 256 GTAPolicy."""
