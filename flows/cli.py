@@ -64,12 +64,18 @@ def use_running_server() -> str | None:
     return None
 
 
+def _server_env(host: str, port: int) -> dict:
+    # The browser UI asks this URL for its data; Prefect's default is :4200 whatever --port says.
+    return {**os.environ, "PREFECT_UI_API_URL": os.environ.get("PREFECT_UI_API_URL", _local_api(host, port))}
+
+
 def start_server(host: str, port: int, wait: float = 180.0, log_path: Path | None = None) -> subprocess.Popen:
     """``prefect server start`` as a child process; returns once /api/health answers."""
     prefect = str(Path(sys.executable).parent / "prefect")
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen([prefect, "server", "start", "--host", host, "--port", str(port)],
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                            env=_server_env(host, port), stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     url = _local_api(host, port)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
@@ -90,6 +96,14 @@ def stop_server(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (a service manager, `kill PID`) stops like Ctrl-C, so child servers are stopped too."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 # ----------------------------------------------------------------------------- trimpi run
@@ -198,6 +212,7 @@ def configure_serve(p) -> None:
 def run_serve(args) -> int:
     root = Path(args.workspace).resolve()
     prefect_env(root)
+    _sigterm_as_interrupt()
     dep = load_deployment(root / "prefect.yaml", args.deployment)
     child = None
     if not use_running_server():
@@ -214,8 +229,9 @@ def run_serve(args) -> int:
         schedules = [Cron(args.cron)] if args.cron else schedules_of(dep)
         params = {"workspace": str(root), **(dep.get("parameters") or {})}
         params["workspace"] = str(root / params["workspace"])
+        ui = os.environ["PREFECT_API_URL"].rstrip("/").removesuffix("/api")
         print(f"trimpi serve: deployment {dep['name']!r} with {len(schedules)} schedule(s); "
-              f"UI at http://{DEFAULT_UI[0]}:{DEFAULT_UI[1]} - Ctrl-C to stop", flush=True)
+              f"UI at {ui} - Ctrl-C to stop", flush=True)
         reinternalize.serve(name=dep["name"], schedules=schedules, parameters=params,
                             description=dep.get("description"), tags=dep.get("tags"))
     finally:
@@ -239,7 +255,9 @@ def run_ui(args) -> int:
           f"{os.environ['PREFECT_HOME']}). `trimpi run` in this workspace records its runs here. Ctrl-C to stop.",
           flush=True)
     prefect = str(Path(sys.executable).parent / "prefect")
-    proc = subprocess.Popen([prefect, "server", "start", "--host", args.host, "--port", str(args.port)])
+    proc = subprocess.Popen([prefect, "server", "start", "--host", args.host, "--port", str(args.port)],
+                            env=_server_env(args.host, args.port))
+    _sigterm_as_interrupt()
     try:
         return proc.wait()
     except KeyboardInterrupt:

@@ -1,0 +1,106 @@
+"""(slow) A real Prefect server: `trimpi ui` + `trimpi serve` of prefect.yaml, a deployment run, a UI screenshot.
+
+Everything Prefect runs in subprocesses with their own PREFECT_HOME/PREFECT_API_URL, so this
+test never touches the ephemeral API the other flow tests use.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline.s3server import free_ports
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _api(url, path, body=None):
+    req = urllib.request.Request(url + path, data=json.dumps(body or {}).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _wait(pred, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _stop(proc):
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_served_deployment_runs_on_a_real_server_and_shows_in_the_ui(dvc_repo, tmp_path):
+    from test_flow import DVC_YAML, PARAMS
+
+    root = dvc_repo(DVC_YAML, PARAMS)
+    shutil.copy(REPO / "prefect.yaml", root / "prefect.yaml")
+    port = free_ports(1)[0]
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "OMP_NUM_THREADS": "1"}
+    logs = {n: open(tmp_path / f"{n}.log", "wb") for n in ("ui", "serve")}
+    procs = []
+    try:
+        procs.append(subprocess.Popen([str(BIN / "trimpi"), "ui", "--workspace", str(root), "--port", str(port)],
+                                      env=env, stdout=logs["ui"], stderr=subprocess.STDOUT, start_new_session=True))
+        _wait(lambda: urllib.request.urlopen(api + "/health", timeout=2).status == 200, 180, "prefect server")
+        procs.append(subprocess.Popen([str(BIN / "trimpi"), "serve", "--workspace", str(root)], env=env,
+                                      stdout=logs["serve"], stderr=subprocess.STDOUT, start_new_session=True))
+        _wait(lambda: _api(api, "/deployments/filter"), 120, "the served deployment")
+        (dep,) = _api(api, "/deployments/filter")
+        assert dep["name"] == "reinternalize-nightly"
+        scheds = {s["schedule"]["cron"]: s["parameters"] for s in dep["schedules"]}
+        assert scheds == {"0 2 * * *": {"force": False}, "0 4 * * 0": {"force": True}}
+        assert dep["parameters"]["workspace"] == str(root)
+
+        # trigger it as cron would (the scheduler only fires on minute boundaries)
+        run = subprocess.run([str(BIN / "prefect"), "deployment", "run", "reinternalize/reinternalize-nightly",
+                              "--watch", "--watch-timeout", "300"], env=env, capture_output=True, text=True,
+                             timeout=360)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        # the scheduler has also pre-created SCHEDULED runs for the two crons: take the one that ran
+        (fr,) = _api(api, "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [dep["id"]]},
+                                                              "state": {"type": {"not_any_": ["SCHEDULED"]}}}})
+        assert fr["state_type"] == "COMPLETED"
+        tasks = _api(api, "/task_runs/filter", {"flow_runs": {"id": {"any_": [fr["id"]]}}})
+        names = {t["name"]: t["state_type"] for t in tasks}
+        for stage in ("generate", "validate", "train", "evaluate", "promote"):
+            assert names.get(stage) == "COMPLETED", names
+        assert (root / "registry" / "tst" / "aliases" / "production.json").exists()
+
+        if not (shutil.which("chromium") or shutil.which("apt-get")):
+            pytest.skip("no chromium and no apt-get to install it: UI screenshot not taken")
+        shot = tmp_path / "ui.png"
+        r = subprocess.run([str(REPO / "scripts" / "ui_screenshot.sh"), f"http://127.0.0.1:{port}/runs", str(shot)],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    finally:
+        for p in reversed(procs):
+            _stop(p)
+        for f in logs.values():
+            f.close()
