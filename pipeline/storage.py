@@ -193,27 +193,32 @@ class S3Storage(Storage):
         for attempt in range(1, self.retries + 1):
             try:
                 return fn()
-            except ClientError as e:
-                err = e.response.get("Error", {})
-                code = str(err.get("Code", ""))
-                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-                if code in ("NoSuchKey", "404", "NotFound"):
-                    raise NotFound(f"{where}: expected an existing object") from None
-                if code == "NoSuchBucket":
-                    raise StorageError(f"{where}: {what} failed: bucket {self.bucket!r} does not exist "
-                                       f"at {self._describe()}") from None
-                transient = code in TRANSIENT_CODES or status >= 500
-                if not transient:
-                    raise StorageError(f"{where}: {what} failed: {code or status}: {err.get('Message', '')} "
-                                       f"(endpoint {self.endpoint_url or 'AWS default'})") from None
-                last = f"{code or status}"
-            except (NoCredentialsError, PartialCredentialsError):
-                raise StorageError(f"{where}: {what} failed: no usable AWS credentials (set AWS_ACCESS_KEY_ID/"
-                                   f"AWS_SECRET_ACCESS_KEY or configure ~/.aws; they are never stored by trimpi)") from None
-            except (BotoConnectionError, OSError) as e:
-                last = type(e).__name__
-            except BotoCoreError as e:  # other client-side errors are not going to heal by waiting
-                raise StorageError(f"{where}: {what} failed: {type(e).__name__}: {e}") from None
+            except Exception as raw:  # noqa: BLE001 - classified below; anything unknown is re-raised
+                e = _unwrap(raw)
+                if isinstance(e, ClientError):
+                    err = e.response.get("Error", {})
+                    code = str(err.get("Code", ""))
+                    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                    if code in ("NoSuchKey", "404", "NotFound"):
+                        raise NotFound(f"{where}: expected an existing object") from None
+                    if code == "NoSuchBucket":
+                        raise StorageError(f"{where}: {what} failed: bucket {self.bucket!r} does not exist "
+                                           f"at {self._describe()}") from None
+                    transient = code in TRANSIENT_CODES or status >= 500
+                    if not transient:
+                        raise StorageError(f"{where}: {what} failed: {code or status}: {err.get('Message', '')} "
+                                           f"(endpoint {self.endpoint_url or 'AWS default'})") from None
+                    last = f"{code or status}"
+                elif isinstance(e, (NoCredentialsError, PartialCredentialsError)):
+                    raise StorageError(f"{where}: {what} failed: no usable AWS credentials (set AWS_ACCESS_KEY_ID/"
+                                       f"AWS_SECRET_ACCESS_KEY or configure ~/.aws; they are never stored by trimpi)"
+                                       ) from None
+                elif isinstance(e, (BotoConnectionError, OSError)):
+                    last = type(e).__name__
+                elif isinstance(e, BotoCoreError):  # other client-side errors are not going to heal by waiting
+                    raise StorageError(f"{where}: {what} failed: {type(e).__name__}: {e}") from None
+                else:
+                    raise
             if attempt < self.retries:
                 self._sleep(delay)
                 delay = min(delay * 2, 30.0)
@@ -283,6 +288,23 @@ class S3Storage(Storage):
     def delete(self, key: str) -> None:
         k = self._key(key)
         self._call("delete", key, lambda: self.client.delete_object(Bucket=self.bucket, Key=k))
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """The error behind boto3's transfer-manager wrappers (``upload_file``/``download_file``).
+
+    ``upload_file`` turns every ``ClientError`` (503 SlowDown, NoSuchBucket, AccessDenied) into
+    ``S3UploadFailedError`` and ``download_file`` turns exhausted socket retries into
+    ``RetriesExceededError``; classified as they come, a transient 503 during a weight upload
+    would not be retried and a missing bucket would escape as a traceback.
+    """
+    from boto3.exceptions import RetriesExceededError, S3UploadFailedError
+
+    if isinstance(e, S3UploadFailedError) and e.__context__ is not None:
+        return e.__context__  # raised inside `except ClientError`: the context is the real error
+    if isinstance(e, RetriesExceededError) and e.last_exception is not None:
+        return e.last_exception
+    return e
 
 
 def open_storage(url: str | os.PathLike, endpoint_url: str | None = None, retries: int = 5,

@@ -14,7 +14,12 @@ Python checks, each over every split file:
 * the history is well formed: one entry per previous step, each a callable tool name of the
   policy with an argument object and a string output;
 * cot.jsonl mirrors train.jsonl and every rationale ends with the chosen tool; train and test
-  share no dialog; every rule branch has at least one train target.
+  share no dialog; every rule branch has at least one train target;
+* every line is a valid record and each file holds as many records as ``manifest.json`` says.
+
+Broken data does not raise: a truncated line, a tampered label, an undecodable image or an
+unreadable override spec is a failed check with example rows (file + line or record id), so
+``trimpi validate`` exits 1 with one report of everything that is wrong.
 """
 from __future__ import annotations
 
@@ -27,10 +32,50 @@ from validation.expectations import CheckResult, python_check, run_expectations
 FILES = ("train", "cot", "test", "override")
 
 
-def _load(data_dir: Path) -> dict[str, list]:
-    from pipeline.data.records import read_records
+def _load(data_dir: Path) -> tuple[dict[str, list], dict[str, list[dict]]]:
+    """(records per split file, failing rows per file for lines that are not a valid record).
 
-    return {f: read_records(data_dir / f"{f}.jsonl") for f in FILES if (data_dir / f"{f}.jsonl").exists()}
+    A truncated or hand-edited line is a failing row naming the file and line, not an
+    exception: the report must list everything wrong at once and ``trimpi validate`` must
+    exit 1 (bad data), not 2 (bad invocation). ``context`` and ``meta`` must be objects,
+    since every check below reads them.
+    """
+    from pipeline.data.records import Record
+    from pipeline.io import InputError
+
+    files: dict[str, list] = {}
+    bad: dict[str, list[dict]] = {}
+    for f in FILES:
+        path = data_dir / f"{f}.jsonl"
+        if not path.exists():
+            continue
+        files[f], bad[f] = [], []
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for i, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    d = json.loads(line)
+                    if not isinstance(d, dict):
+                        raise ValueError(f"a JSON {type(d).__name__}, not an object")
+                    r = Record.from_dict(d, path, i)
+                    if not isinstance(r.context, dict) or not isinstance(r.meta, dict):
+                        raise ValueError("context and meta must be JSON objects")
+                except (ValueError, TypeError, InputError) as e:
+                    bad[f].append({"file": path.name, "line": i, "error": str(e)[:200], "text": line[:80]})
+                    continue
+                files[f].append(r)
+    return files, bad
+
+
+def _manifest_counts(data_dir: Path, files: dict[str, list]) -> list[dict]:
+    """Failing rows where a file holds another number of records than manifest.json says."""
+    try:
+        sizes = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))["sizes"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [{"file": "manifest.json", "error": f"unreadable: {type(e).__name__}: {str(e)[:120]}"}]
+    return [{"file": f"{f}.jsonl", "manifest": sizes.get(f), "records": len(recs)}
+            for f, recs in files.items() if sizes.get(f) != len(recs)]
 
 
 def _call(rec) -> dict | None:
@@ -73,13 +118,13 @@ def validate(data_dir, policies_dir) -> list[CheckResult]:
     import pandas as pd
 
     from pipeline.data.records import ImageStore
-    from pipeline.io import input_error
+    from pipeline.io import InputError, input_error
     from pipeline.policy import load_policy
     from pipeline.policy.gta import load_gta_policy
 
     data_dir = Path(data_dir)
     pol = load_gta_policy(policies_dir)
-    files = _load(data_dir)
+    files, unparsable = _load(data_dir)
     if not files:
         raise input_error(data_dir, None, "a GTAPolicy dataset (train.jsonl, test.jsonl, ...)")
     overrides: dict[str, object] = {}
@@ -90,10 +135,17 @@ def validate(data_dir, policies_dir) -> list[CheckResult]:
             return pol
         if ref not in overrides:
             p = (data_dir / ref).resolve()
-            overrides[ref] = load_policy(p) if p.is_relative_to(data_dir.resolve()) and p.exists() else None
+            try:
+                overrides[ref] = load_policy(p) if p.is_relative_to(data_dir.resolve()) and p.exists() else None
+            except InputError:  # a broken (or unsafe-tagged) spec in the dataset is bad data: report it
+                overrides[ref] = None
         return overrides[ref]
 
-    results: list[CheckResult] = []
+    results: list[CheckResult] = [
+        python_check(f"{f}.jsonl: every line is a valid record", rows, "truncated or malformed JSONL / wrong fields")
+        for f, rows in unparsable.items()]
+    results.append(python_check("record counts match manifest.json", _manifest_counts(data_dir, files),
+                                "records lost or added after generation"))
     rows = []
     for fname, recs in files.items():
         for r in recs:
@@ -132,7 +184,7 @@ def validate(data_dir, policies_dir) -> list[CheckResult]:
             ctx = r.context or {}
             names = list(ctx.get("image_names") or [])
             if p is None:
-                wrong.append(_row(r, "override policy missing or outside the dataset", ref=r.meta.get("override_policy")))
+                wrong.append(_row(r, "override policy missing, unreadable or outside the dataset", ref=r.meta.get("override_policy")))
                 continue
             if r.policy_version != p.version:
                 stale.append(_row(r, "labels made under another policy version", record=r.policy_version, policy=p.version))
