@@ -111,3 +111,15 @@ def test_smollm2_vl_text_logits_equal_original():
         c = vlm(**b).logits[..., :a.shape[-1]]
     assert torch.equal(a, c)
     assert "Paris" in generate(vlm, proc, [msgs], max_new_tokens=12)[0]
+
+
+def test_real_checkpoint_preset_is_local_only(tmp_path):
+    from pipeline.model.presets import ModelInitConfig, resolve
+
+    cfg = ModelInitConfig(checkpoints_dir=str(tmp_path))
+    with pytest.raises(InputError, match="Qwen2.5-VL-7B-Instruct"):
+        resolve("qwen2.5-vl-7b", cfg)                               # missing: refuse, never download
+    (tmp_path / "Qwen2.5-VL-7B-Instruct").mkdir()
+    (tmp_path / "Qwen2.5-VL-7B-Instruct" / "config.json").write_text("{}")
+    assert resolve("qwen2.5-vl-7b", cfg) == tmp_path / "Qwen2.5-VL-7B-Instruct"
+    assert resolve("tiny", cfg) is None and resolve("smollm2-vl", cfg) is None

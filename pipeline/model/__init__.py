@@ -30,8 +30,12 @@ def device_of(model):
 
 
 def load(path: str | os.PathLike, threads: int = 1, device: str | None = None,
-         min_pixels: int | None = None, max_pixels: int | None = None):
-    """(model, processor) from a local checkpoint directory; never reaches a hub."""
+         min_pixels: int | None = None, max_pixels: int | None = None, dtype=None):
+    """(model, processor) from a local checkpoint directory; never reaches a hub.
+
+    ``device`` defaults to CUDA when present; ``dtype`` to bfloat16 on CUDA, float32 on CPU.
+    Trainers pass ``device="cpu"`` and let DeepSpeed place each rank's copy.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     p = Path(path)
     if not (p / "config.json").is_file():
@@ -44,7 +48,8 @@ def load(path: str | os.PathLike, threads: int = 1, device: str | None = None,
 
     set_threads(threads)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
         model = AutoModelForImageTextToText.from_pretrained(str(p), dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:

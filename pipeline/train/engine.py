@@ -307,14 +307,17 @@ class TrainLog:
 
     FIELDS = ["step", "epoch", "loss", "lr", "tokens", "tokens_per_s", "elapsed_s"]
 
-    def __init__(self, path: str | os.PathLike, fields: list[str] | None = None, resume_step: int = 0):
+    def __init__(self, path: str | os.PathLike, fields: list[str] | None = None, resume_step: int = 0,
+                 enabled: bool = True):
         self.path = Path(path)
         self.fields = fields or self.FIELDS
+        self.enabled = enabled  # False on ranks other than 0: one writer per file
         self.rows: list[dict] = []
         if resume_step and self.path.exists():
             with open(self.path, newline="") as f:
                 self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        self._rewrite()
+        if enabled:
+            self._rewrite()
 
     def _rewrite(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -326,6 +329,8 @@ class TrainLog:
     def append(self, row: dict) -> None:
         row = {k: row.get(k, "") for k in self.fields}
         self.rows.append(row)
+        if not self.enabled:
+            return
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=self.fields).writerow(row)
 
@@ -392,10 +397,9 @@ def fit(engine: Engine, examples: list, collate: Callable[[list], dict], log: Tr
         acc_loss, acc_n = 0.0, 0
         losses.append(loss)
         el = time.perf_counter() - t0
-        if engine.is_main:
-            log.append({"step": step, "epoch": round(micro / per_epoch, 4), "loss": round(loss, 6),
-                        "lr": f"{engine.lr:.3e}", "tokens": tokens, "tokens_per_s": round(tokens / max(el, 1e-9), 1),
-                        "elapsed_s": round(el, 2)})
+        log.append({"step": step, "epoch": round(micro / per_epoch, 4), "loss": round(loss, 6),
+                    "lr": f"{engine.lr:.3e}", "tokens": tokens, "tokens_per_s": round(tokens / max(el, 1e-9), 1),
+                    "elapsed_s": round(el, 2)})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
         if cfg.save_every and step % cfg.save_every == 0 and step < engine.total_steps:

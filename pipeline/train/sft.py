@@ -170,7 +170,10 @@ def run_supervised(stage: str, cfg: TrainConfig, model_path: str, data_dirs: lis
     set_threads(threads)
     rank, world = setup_distributed()
     torch.manual_seed(seed)
-    model, proc = load(model_path, threads=threads)
+    # CPU first, every rank: DeepSpeed moves each rank's copy to its own device (loading straight
+    # to "cuda" would put all ranks on GPU 0). bf16 on GPU boxes halves host memory per rank.
+    model, proc = load(model_path, threads=threads, device="cpu",
+                       dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     peft_cfg = None
     if lora:
         from peft import LoraConfig, get_peft_model
@@ -187,7 +190,7 @@ def run_supervised(stage: str, cfg: TrainConfig, model_path: str, data_dirs: lis
     eng = Engine(model, cfg, total, ckpt, fingerprint=fp, seed=seed)
     eng.load_state()
     start = eng.global_step
-    log = TrainLog(ckpt / "train_log.csv", resume_step=start)
+    log = TrainLog(ckpt / "train_log.csv", resume_step=start, enabled=eng.is_main)
     stats = fit(eng, examples, collate_fn(proc, labels, with_policy), log, seed, per_epoch, start_step=start,
                 desc=stage, on_step=on_step)
     sd = eng.full_state_dict()
