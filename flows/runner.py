@@ -115,8 +115,11 @@ def stage_order(root: str | os.PathLike = ".", only: list[str] | None = None) ->
         return []
     import yaml
 
-    raw = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}
-    if not raw.get("stages"):  # `stages:` with nothing under it yet: DVC would refuse the file
+    try:
+        raw = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise input_error(dvc_yaml, "document", "valid YAML", str(e).splitlines()[0]) from None
+    if not isinstance(raw, dict) or not raw.get("stages"):  # `stages:` with nothing under it yet: DVC would refuse the file
         return []
     with Repo(str(root)) as repo:
         stages = [s for s in repo.index.stages if getattr(s, "cmd", None)]
