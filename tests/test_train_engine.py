@@ -34,6 +34,8 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.55, abs=0.01)
     assert f(100) == pytest.approx(0.1) and all(f(i) >= f(i + 1) for i in range(10, 100))
+    const = lr_lambda(100, 0.0, schedule="constant")  # RL: no warm-up, no decay
+    assert {const(i) for i in (0, 50, 100)} == {1.0}
 
 
 def test_plan_and_batches_cover_each_epoch_once_per_rank():

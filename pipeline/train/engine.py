@@ -46,6 +46,7 @@ import shutil
 import socket
 import sys
 import time
+from typing import Literal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -70,7 +71,9 @@ class TrainConfig:
     grad_accum: int = 1
     """Gradient accumulation steps; global batch = batch_size x grad_accum x world size."""
     warmup_ratio: float = 0.1
-    """Fraction of optimizer steps with linear warm-up; then cosine decay to 10 % of lr."""
+    """Fraction of optimizer steps with linear warm-up; then ``lr_schedule``."""
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    """After warm-up: ``cosine`` (decay to 10 % of lr, the SFT/CPT default) or ``constant`` (RL)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
@@ -161,12 +164,17 @@ def ds_config(cfg: TrainConfig, world_size: int) -> dict:
 _DROP = object()
 
 
-def lr_lambda(total_steps: int, warmup_ratio: float, floor: float = 0.1) -> Callable[[int], float]:
+def lr_lambda(total_steps: int, warmup_ratio: float, floor: float = 0.1,
+              schedule: str = "cosine") -> Callable[[int], float]:
     warm = max(1, int(round(total_steps * warmup_ratio))) if warmup_ratio > 0 else 0
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"lr_schedule: expected cosine or constant, got {schedule!r}")
 
     def f(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
+        if schedule == "constant":
+            return 1.0
         t = (step - warm) / max(1, total_steps - warm)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
     return f
@@ -192,7 +200,8 @@ class Engine:
         self.ds_config = ds_config(cfg, self.world_size)
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         params = [p for p in model.parameters() if p.requires_grad]
-        sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.total_steps, cfg.warmup_ratio))  # noqa: E731
+        f = lr_lambda(self.total_steps, cfg.warmup_ratio, schedule=cfg.lr_schedule)
+        sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, f)  # noqa: E731
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=params, config=self.ds_config, lr_scheduler=sched)
         self.engine.train()

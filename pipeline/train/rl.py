@@ -316,7 +316,8 @@ class RLEngine:
         self.gas = cfg.update_batch * per_group
         updates = total_steps * cfg.ppo_epochs * (cfg.rollout_batch // cfg.update_batch)
         tc = TrainConfig(epochs=cfg.epochs, max_steps=updates, lr=cfg.lr, batch_size=1, grad_accum=self.gas,
-                         warmup_ratio=0.0, weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip,
+                         warmup_ratio=0.0, lr_schedule="constant", weight_decay=cfg.weight_decay,
+                         max_grad_norm=cfg.grad_clip,
                          deepspeed=cfg.deepspeed, save_every=cfg.save_every, resume=True)
         self.eng = Engine(model, tc, updates, ckpt_dir, fingerprint=fingerprint, seed=seed)
         self.module = self.eng.module

@@ -102,7 +102,7 @@ class RLConfig:
     """RL steps between resumable checkpoints (0 = only the final model)."""
     deepspeed: str = "zero0"
     """DeepSpeed config: zero0 | zero2 | zero3 (``infra/deepspeed/``) or a JSON path; zero0 on one CPU process.
-    The learning rate follows the shared engine's schedule (cosine decay to 10 % of lr, no warm-up)."""
+    The learning rate is constant (no warm-up, no decay), as in EasyR1/verl."""
 
     def resolved(self) -> "RLConfig":
         """A copy with every algorithm-dependent ``None``/``auto`` replaced by the paper value."""
