@@ -46,10 +46,9 @@ import shutil
 import socket
 import sys
 import time
-from typing import Literal
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from pipeline.io import atomic_write_json, input_error, stable_hash
 
