@@ -6,8 +6,9 @@ Suites (``params.yaml: evaluate.suites``, or ``--suites main,referral``):
   match per policy and per depth; GTAPolicy Tool Acc / Arg Score / Overall.
 * ``in_context`` — the same test with the policy put back in the prompt (paper Table 4; for the
   untrained model this is the paper's "In-Context" baseline).
-* ``override`` — ``override.jsonl``: the updated policy from ``meta.override_policy`` is put in
-  context under the original name and answers are scored against the new labels.
+* ``override`` — ``override.jsonl``: the updated policy from ``meta.override_policy`` (a spec
+  inside the dataset directory; anything resolving outside it is refused) is put in context
+  under the original name and answers are scored against the new labels.
 * ``referral`` — exact, judge-free: condition ids cited by the ``main`` responses vs the gold
   path, and the branching-error statistic (see ``metrics.py``). An OpenAI-compatible judge
   (``judge_url``) may add the paper's 0-10 score; it is off by default and never required.
@@ -302,7 +303,12 @@ class Evaluation:
                 if not ref:
                     raise input_error(ds.root / "override.jsonl", f"{r.id}.meta.override_policy",
                                       "the path of the updated policy spec")
-                p = Path(ref) if Path(ref).is_absolute() else ds.root / ref
+                # the generators write override_policies/<name>.yaml; a tampered record must not
+                # make evaluation read a spec from elsewhere (absolute, '..', a symlink out)
+                p = (ds.root / ref).resolve()
+                if not p.is_relative_to(Path(ds.root).resolve()):
+                    raise input_error(ds.root / "override.jsonl", f"{r.id}.meta.override_policy",
+                                      "a spec path inside the dataset directory", ref)
                 pol = loaded[p] = loaded[p] if p in loaded else load_policy(p)
                 if pol.name != r.policy:
                     raise input_error(p, "name", f"the original policy name {r.policy!r} (published under it)", pol.name)
