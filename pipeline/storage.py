@@ -14,7 +14,7 @@ Decisions worth knowing:
   completion marker and a pointer object written last.
 * **Credentials** come only from boto3's standard chain (``AWS_ACCESS_KEY_ID``…, ``~/.aws``,
   instance roles). This module never reads, stores or prints them; errors name the URL and the
-  endpoint, nothing else. The endpoint comes from the caller (``registry.endpoint_url``) or
+  endpoint, nothing else (a ``user:password@`` written into the endpoint URL is redacted). The endpoint comes from the caller (``registry.endpoint_url``) or
   boto3's own ``AWS_ENDPOINT_URL(_S3)`` environment variables.
 * **Retries.** boto3's internal retries are switched off and replaced by one loop here, so the
   budget is explicit (``retries`` attempts, exponential back-off from ``backoff`` seconds) and
@@ -25,6 +25,7 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -181,7 +182,7 @@ class S3Storage(Storage):
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _describe(self) -> str:
-        return self.url + (f" (endpoint {self.endpoint_url})" if self.endpoint_url else "")
+        return self.url + (f" (endpoint {_shown(self.endpoint_url)})" if self.endpoint_url else "")
 
     def _call(self, what: str, key: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` with the retry budget; map failures to StorageError naming the URL."""
@@ -207,7 +208,7 @@ class S3Storage(Storage):
                     transient = code in TRANSIENT_CODES or status >= 500
                     if not transient:
                         raise StorageError(f"{where}: {what} failed: {code or status}: {err.get('Message', '')} "
-                                           f"(endpoint {self.endpoint_url or 'AWS default'})") from None
+                                           f"(endpoint {_shown(self.endpoint_url) or 'AWS default'})") from None
                     last = f"{code or status}"
                 elif isinstance(e, (NoCredentialsError, PartialCredentialsError)):
                     raise StorageError(f"{where}: {what} failed: no usable AWS credentials (set AWS_ACCESS_KEY_ID/"
@@ -288,6 +289,11 @@ class S3Storage(Storage):
     def delete(self, key: str) -> None:
         k = self._key(key)
         self._call("delete", key, lambda: self.client.delete_object(Bucket=self.bucket, Key=k))
+
+
+def _shown(endpoint: str | None) -> str | None:
+    """The endpoint as messages show it: ``user:password@`` in the URL is redacted."""
+    return re.sub(r"(://)[^/@\s]+@", r"\1<redacted>@", endpoint) if endpoint else endpoint
 
 
 def _unwrap(e: BaseException) -> BaseException:

@@ -144,6 +144,20 @@ def test_promote_to_s3_writes_no_credentials_anywhere(tmp_path, s3, capsys, capl
     assert found == []
 
 
+def test_credentials_written_into_the_endpoint_url_are_not_echoed(tmp_path, monkeypatch, capsys):
+    """Keys belong in the AWS environment, but a user who pastes them into the endpoint URL must not
+    see them again in an error message (or a CI log)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    endpoint = f"http://{ACCESS_KEY}:{urllib.parse.quote(SECRET_KEY, safe='')}@127.0.0.1:{_free_port()}"
+    params = tmp_path / "params.yaml"
+    params.write_text(f"registry: {{root: 's3://b/p', model: m, endpoint_url: '{endpoint}', retries: 1}}\n")
+    assert main(["registry", "list", "--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert "get failed after 1 attempts" in err and "http://<redacted>@127.0.0.1" in err
+    assert leaks(err, "stderr") == []
+
+
 @pytest.mark.slow
 def test_reinternalize_flow_with_s3_registry_leaks_no_credentials(dvc_repo, prefect_home, s3, capsys):
     """The whole orchestration path: DVC stage logs streamed into Prefect, per-stage metric
