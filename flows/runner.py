@@ -90,7 +90,7 @@ class StageFailed(RuntimeError):
         self.what, self.code, self.transient, self.tail = what, code, transient, tail
         kind = "transient" if transient else "deterministic"
         last = "\n".join(tail[-15:])
-        super().__init__(f"{what} failed ({kind}{': ' + reason if reason else ''}, exit {code})\n{last}")
+        super().__init__(f"{what} failed ({kind}: {reason or f'exit {code}'})\n{last}")
 
 
 class StageTimeout(StageFailed):
@@ -215,11 +215,11 @@ def classify(code: int, tail: list[str]) -> tuple[bool, str]:
     stage_rc = [int(m) for m in re.findall(r"exited with (-?\d+)", text)]
     rc = stage_rc[-1] if stage_rc else code
     if TRANSIENT_MARKERS.search(text):
-        return True, "network/lock error in output"
+        return True, f"network/lock error in output, exit {rc}"
     if rc == EX_TEMPFAIL:
-        return True, "stage asked to be retried (exit 75)"
+        return True, "stage asked to be retried, exit 75"
     if rc in DETERMINISTIC_CODES:
-        return False, "a check failed" if rc == 1 else "bad input"
+        return False, ("a check failed" if rc == 1 else "bad input") + f", exit {rc}"
     if not stage_rc and code == 255:  # dvc itself refused (bad dvc.yaml, missing dependency)
         return False, "dvc refused the stage"
     return True, f"exit {rc}" + (" (killed by a signal)" if rc < 0 or rc > 128 else "")
