@@ -299,6 +299,47 @@ def test_s3_outage_during_push_is_retried_then_named_and_never_half_registers(tm
     assert (reg.fetch("production", tmp_path / "fetched") / "model.safetensors").read_bytes() == b"C" * 64
 
 
+@pytest.mark.slow
+def test_real_s3_server_stopped_during_push(tmp_path, monkeypatch):
+    """The same outage on SeaweedFS (a real server process, stopped after the first file of v2): the
+    push fails naming the object after the retry budget; after a restart on the same data and port
+    readers see production v1 and no v2, and the next promotion completes v2."""
+    from pipeline.registry import RegistryConfig, open_registry
+    from pipeline.s3server import S3Server
+    from pipeline.storage import S3Storage, StorageError
+
+    passed = {"passed": True, "checks": []}
+    server = S3Server(data_dir=tmp_path / "s3", buckets=["faults"]).start()
+    try:
+        for k, v in server.env().items():
+            monkeypatch.setenv(k, v)
+        cfg = RegistryConfig(root="s3://faults/reg", model="m", retries=3, backoff_s=0.05)
+        reg = open_registry(cfg)
+        reg.promote(_model(tmp_path, "a", b"A" * 4096), {"main": {"score": 50}}, passed, {})
+        real_put = S3Storage.put_file
+
+        def stop_after_first_file(self, key, path):
+            real_put(self, key, path)
+            if key == "m/v2/model/config.json":
+                server.stop()
+
+        monkeypatch.setattr(S3Storage, "put_file", stop_after_first_file)
+        with pytest.raises(StorageError, match=r"^s3://faults/reg/m/v2/model/model\.safetensors: upload failed "
+                                               rf"after 3 attempts .*endpoint {server.endpoint}"):
+            reg.promote(_model(tmp_path, "b", b"B" * 4096), {"main": {"score": 60}}, passed, {})
+        monkeypatch.setattr(S3Storage, "put_file", real_put)
+
+        server = S3Server(data_dir=tmp_path / "s3", buckets=["faults"], port=server.port).start()
+        reader = open_registry(cfg)
+        assert reader.resolve("production") == "v1" and reader.versions() == ["v1"]
+        assert reader.versions(include_incomplete=True) == ["v1", "v2"]
+        assert reader.promote(_model(tmp_path / "again", "b", b"B" * 4096), {"main": {"score": 60}}, passed,
+                              {})["version"] == "v2"
+        assert (reader.fetch("production", tmp_path / "f") / "model.safetensors").read_bytes() == b"B" * 4096
+    finally:
+        server.stop()
+
+
 def test_throttled_weight_upload_is_retried_and_a_missing_bucket_is_named(tmp_path, moto):
     """boto3's upload_file wraps every ClientError in S3UploadFailedError: a 503 SlowDown on a weight
     upload must still be retried, and a missing bucket must be a StorageError, not a traceback."""

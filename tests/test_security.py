@@ -216,6 +216,49 @@ def test_reinternalize_flow_with_s3_registry_leaks_no_credentials(dvc_repo, pref
     assert found == []
 
 
+@pytest.mark.slow
+def test_dev_s3_server_keeps_the_keys_out_of_its_data_and_log(tmp_path, monkeypatch):
+    from pipeline.registry import Registry
+    from pipeline.s3server import S3Server
+    from pipeline.storage import open_storage
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    with S3Server(data_dir=tmp_path / "s3", buckets=["sec"]) as server:
+        ws = _workspace(tmp_path / "ws", server.endpoint, "sec")
+        reg = Registry(open_storage("s3://sec/reg", endpoint_url=server.endpoint), "tst")
+        reg.promote(ws / "models" / "rl", {"main": {"score": 80.0}}, {"passed": True, "checks": []}, {})
+        assert reg.resolve("production") == "v1"
+    assert (tmp_path / "s3" / "weed.log").exists()
+    assert scan_tree(tmp_path) == []
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="pipeline/s3server.py main() (`make s3`) prints `export "
+                   "AWS_SECRET_ACCESS_KEY=<value>` even when the keys are the user's own from the environment "
+                   "(fix: print the export line only for the development defaults)")
+def test_make_s3_banner_does_not_echo_the_users_keys(tmp_path):
+    import signal
+
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.s3server", "--dir", str(tmp_path / "s3"), "--port",
+                             str(_free_port()), "--bucket", "banner"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    banner = []
+    try:
+        for line in proc.stdout:
+            banner.append(line)
+            if "Ctrl-C to stop" in line:
+                break
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    text = "".join(banner) + (rest or "")
+    assert "S3 server (SeaweedFS) at http://127.0.0.1" in text      # the banner was printed
+    assert leaks(text, "make s3 banner") == []
+
+
 # ----------------------------------------------------------------------------- model output is data
 
 
