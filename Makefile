@@ -34,10 +34,10 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 s3: setup
-	$(BIN)/python -m pipeline.storage_server
+	$(BIN)/python -m pipeline.s3server
 
 ui: setup
-	$(BIN)/prefect server start --host 127.0.0.1
+	$(BIN)/trimpi ui
 
 bench: setup
 	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done
