@@ -185,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
           f"buckets: {', '.join(server.buckets)}.\n"
           f"Keys: {'yours, from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY' if keys_from_env else 'development defaults'}."
           f" In another shell:\n\n"
-          f"  export AWS_ACCESS_KEY_ID={env['AWS_ACCESS_KEY_ID']} AWS_SECRET_ACCESS_KEY={env['AWS_SECRET_ACCESS_KEY']}\n"
-          f"  export AWS_ENDPOINT_URL={server.endpoint}\n"
+          + ("" if keys_from_env else  # never echo a user's own secret
+             f"  export AWS_ACCESS_KEY_ID={env['AWS_ACCESS_KEY_ID']} AWS_SECRET_ACCESS_KEY={env['AWS_SECRET_ACCESS_KEY']}\n")
+          + f"  export AWS_ENDPOINT_URL={server.endpoint}\n"
           f"  dvc remote add -d s3 s3://{server.buckets[0]}/dvc && dvc remote modify s3 endpointurl {server.endpoint}\n"
           f"  trimpi run --set remote=s3     # or: dvc push / dvc pull\n\nCtrl-C to stop.", flush=True)
     try:

@@ -94,7 +94,7 @@ def test_sigkilled_training_resumes_from_its_checkpoint(tiny, tmp_path):
     victim = subprocess.Popen(_sft(tiny, out, ck), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         # "after the first checkpoint": DeepSpeed's 'latest' and the engine's fingerprint are both on
-        # disk (a kill between those two writes is the xfail test below)
+        # disk (a kill between those two writes is the next test)
         deadline = time.monotonic() + 300
         while (not ((ck / "latest").exists() and (ck / "fingerprint.json").exists())
                and victim.poll() is None and time.monotonic() < deadline):
@@ -127,9 +127,6 @@ def test_sigkilled_training_resumes_from_its_checkpoint(tiny, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="pipeline/train/engine.py Engine.save_state writes fingerprint.json AFTER "
-                   "DeepSpeed commits 'latest'; a kill between the two makes load_state discard the complete "
-                   "first checkpoint as 'from a different run' (fix: write fingerprint.json before save_checkpoint)")
 def test_kill_right_after_the_first_checkpoint_commit_still_resumes(tiny, tmp_path, monkeypatch):
     """Seen for real: the SIGKILL above, sent the moment 'latest' appeared, restarted from step 0.
     Reproduced deterministically by dying right after DeepSpeed's save_checkpoint returns."""

@@ -160,7 +160,8 @@ class ImageStore:
     # -- reading
     def read_bytes(self, ref: str) -> bytes:
         parts = ref.split("/")
-        if len(parts) < 3 or not parts[-2].endswith(".zip") or ".." in parts:
+        if (len(parts) < 3 or not parts[-2].endswith(".zip") or ".." in parts or ref.startswith("/")
+                or "\\" in ref):
             raise input_error(self.root, "images", "a reference '<subdir>/<shard>.zip/<member>' inside the dataset", ref)
         shard = "/".join(parts[:-1])
         member = parts[-1]
@@ -168,6 +169,8 @@ class ImageStore:
             z = self._readers.get(shard)
             if z is None:
                 p = self.root / shard
+                if not p.resolve().is_relative_to(self.root.resolve()):  # e.g. a symlinked shard
+                    raise input_error(self.root, "images", "a shard inside the dataset directory", ref)
                 if not p.exists():
                     raise input_error(p, "images", "an existing image shard", ref)
                 z = self._readers[shard] = zipfile.ZipFile(p)

@@ -256,9 +256,13 @@ class Engine:
         state = {"client": client_state or {}, "fingerprint": self.fingerprint,
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
         tag = f"step-{self.global_step:07d}"
+        if self.is_main:
+            # Before DeepSpeed commits 'latest': a kill between the two writes must not make the
+            # next run discard a complete checkpoint as "from a different run".
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.ckpt_dir / "fingerprint.json", {"fingerprint": self.fingerprint})
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state)
         if self.is_main:
-            atomic_write_json(self.ckpt_dir / "fingerprint.json", {"fingerprint": self.fingerprint})
             for old in self.ckpt_dir.glob("step-*"):  # DS writes 'latest' after the tag: older tags can go
                 if old.name != tag and old.is_dir():
                     shutil.rmtree(old, ignore_errors=True)
