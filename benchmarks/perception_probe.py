@@ -1,0 +1,577 @@
+"""Why did the tiny random VLM not learn to see, and what makes it learn? (issue 9)
+
+Measurements, one subcommand each (all single-threaded; results appended as JSON lines to
+``--log``, default ``benchmarks/perception_runs.jsonl``; the findings are in PERCEPTION.md):
+
+* ``tokens``   — how many merged image tokens (28x28 px) and ViT patches (14x14 px) a small /
+  large object covers, per image size and object scale, after Qwen's ``smart_resize``;
+* ``checks``   — the plumbing that could hide small objects: the processor's normalisation and
+  resize, the vision tower's window partition, the 3D (mRoPE) position ids of the image tokens,
+  and how strongly one small object moves the vision features of its own token vs the others;
+* ``features`` — a linear probe on the vision features (mean- and max-pooled merger outputs)
+  for "colour c is present", against the same probe on raw pixels: does the tower carry it?
+* ``grads``    — gradient norm per module group on existence questions (does the signal reach
+  the vision tower, and how large is it compared to the language model's?);
+* ``train``    — a short training run with the given settings on freshly sampled generic QA
+  (``pipeline.data.generic_qa``, the exact records of the ``train base`` stage), reporting
+  forced-choice yes/no accuracy of ``exist``/``exist2`` questions on a fixed held-out set over time.
+
+The training loop here is a plain torch AdamW loop with the engine's LR schedule (warm-up, cosine
+to 10 %) instead of the DeepSpeed engine: same maths, no start-up cost, and per-group learning
+rates for the ``--vision-lr-mult`` experiments. Data are sampled on the fly (no epoch repeats), so
+a run measures learnability per example seen, not memorisation.
+
+Forced choice = the teacher-forced response prefix ``<think>\\n<question> Yes`` vs ``... No``;
+the higher log-likelihood wins. It reads the model's decision without generating the CoT.
+
+    .venv/bin/python benchmarks/perception_probe.py tokens
+    .venv/bin/python benchmarks/perception_probe.py train --minutes 3 --mix exist=1 --image-size 128
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.data import generic_qa as G  # noqa: E402
+from pipeline.data.scenes import ATTRIBUTES, COLOR_RGB, _radius, make_scene, render_scene  # noqa: E402
+
+LOG = Path(__file__).with_name("perception_runs.jsonl")
+
+
+def log_result(path: Path, row: dict) -> None:
+    row = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), **row}
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row, indent=1))
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build(args):
+    """(model, processor) of a tiny Qwen2.5-VL with the requested vision/text sizes."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from pipeline.model.presets import TINY, tiny_config
+    from pipeline.model.processor import build_processor
+    from pipeline.model.tokenizer import build_tokenizer
+
+    torch.set_num_threads(1)
+    dims = dict(TINY[args.preset])
+    for k in ("vis_dim", "vis_depth", "vis_heads", "text_hidden", "text_layers"):
+        v = getattr(args, k, None)
+        if v:
+            dims[k] = v
+    tok = build_tokenizer(4096, seed=0)
+    # the pipeline's processor limits (model_init defaults): 128 px -> 140 px, 5x5 merged tokens
+    proc = build_processor(tok, min_pixels=56 * 56, max_pixels=args.max_pixels)
+    torch.manual_seed(args.seed)
+    cfg = tiny_config(tok, **dims)
+    if getattr(args, "full_attention", False):
+        cfg.vision_config.fullatt_block_indexes = list(range(dims["vis_depth"]))
+    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    return model, proc, dims
+
+
+def gen_cfg(args) -> "G.GenerateGenericConfig":
+    return G.GenerateGenericConfig(image_size=args.image_size, object_scale=args.object_scale,
+                                   min_objects=args.min_objects, max_objects=args.max_objects)
+
+
+def sample(rng: random.Random, cfg, mix: dict[str, float]):
+    """One (query, cot, answer, image-or-None, qtype) drawn from the qtype mix."""
+    qtype = rng.choices(list(mix), weights=list(mix.values()))[0]
+    if qtype == "text":
+        _, query, cot, ans = G.text_question(rng)
+        return query, cot, ans, None, qtype
+    _, scene, query, cot, ans = G.image_example(qtype, rng, cfg)
+    return query, cot, ans, render_scene(scene, object_scale=cfg.object_scale), qtype
+
+
+def conversation(query, image, response=None):
+    content = ([{"type": "image", "image": image}] if image is not None else []) + [{"type": "text", "text": query}]
+    msgs = [{"role": "user", "content": content}]
+    if response is not None:
+        msgs.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
+    return msgs
+
+
+def response(cot: str, answer: str, fmt: str) -> str:
+    from pipeline.model.prompts import format_response
+
+    return format_response(cot if fmt == "cot" else "", answer)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def eval_set(cfg, n: int, seed: int = 12345) -> list[tuple]:
+    """A fixed held-out set: n exist + n exist2 questions, balanced yes/no by construction."""
+    out = []
+    for qtype in ("exist", "exist2"):
+        rng = random.Random(f"eval/{seed}/{qtype}")
+        for _ in range(n):
+            _, scene, query, cot, ans = G.image_example(qtype, rng, cfg)
+            out.append((query, cot, ans, render_scene(scene, object_scale=cfg.object_scale), qtype))
+    return out
+
+
+def caption_set(cfg, n: int, seed: int = 54321) -> list[tuple]:
+    rng = random.Random(f"eval/{seed}/objects")
+    out = []
+    for _ in range(n):
+        _, scene, query, cot, ans = G.image_example("objects", rng, cfg)
+        out.append((query, cot, ans, render_scene(scene, object_scale=cfg.object_scale), "objects"))
+    return out
+
+
+def attribute_token_accuracy(model, proc, items, bs: int = 16) -> dict[str, float]:
+    """Teacher-forced argmax accuracy on the attribute words of the ``objects`` captions, per attribute.
+
+    Chance is about 1/8 for colour, 1/3 for shape, 1/2 for size and material; it reads how much
+    of the scene the model perceives without any yes/no shortcut.
+    """
+    import torch
+
+    from pipeline.model.masking import encode
+
+    tok = proc.tokenizer
+    word_ids = {a: {tok.convert_tokens_to_ids(tok.tokenize(" " + v))[0]: v for v in vals
+                    if len(tok.tokenize(" " + v)) == 1} for a, vals in ATTRIBUTES.items()}
+    hits: dict[str, list[int]] = {a: [] for a in ATTRIBUTES}
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(items), bs):
+            chunk = items[i:i + bs]
+            convs = [conversation(q, img, response(cot, ans, "cot")) for (q, cot, ans, img, _) in chunk]
+            b = encode(proc, convs, labels="response")
+            lab = b.pop("labels")
+            pred = model(**b).logits[:, :-1].argmax(-1)
+            tgt = lab[:, 1:]
+            for a, ids in word_ids.items():
+                m = torch.isin(tgt, torch.tensor(list(ids)))
+                hits[a] += (pred[m] == tgt[m]).long().tolist()
+    model.train()
+    return {f"cap_{a}": round(100 * sum(v) / max(1, len(v)), 1) for a, v in hits.items()}
+
+
+def attribute_set(cfg, n: int, seed: int = 999) -> list[tuple]:
+    rng = random.Random(f"eval/{seed}/attribute")
+    out = []
+    for _ in range(n):
+        q, scene, query, cot, ans = G.image_example("attribute", rng, cfg)
+        out.append((query, q["target"], ans, render_scene(scene, object_scale=cfg.object_scale), "attribute"))
+    return out
+
+
+def attribute_choice(model, proc, items, bs: int = 8) -> dict[str, float]:
+    """Answer-format forced choice among the asked attribute's values: argmax log p(\\boxed{value})."""
+    import torch
+
+    from pipeline.model.masking import encode
+
+    hits = []
+    model.eval()
+    with torch.no_grad():
+        for q, target, ans, img, _ in items:
+            vals = ATTRIBUTES[target]
+            convs = [conversation(q, img, "\\boxed{" + v + "}") for v in vals]
+            b = encode(proc, convs, labels="response")
+            lab = b.pop("labels")
+            lp = torch.log_softmax(model(**b).logits[:, :-1].float(), -1)
+            tgt = lab[:, 1:]
+            score = (lp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (tgt != -100)).sum(-1)
+            hits.append(int(vals[int(score.argmax())] == ans))
+    model.train()
+    return {"attribute": round(100 * sum(hits) / len(hits), 1)}
+
+
+def forced_choice(model, proc, items, fmt: str, bs: int = 16) -> dict[str, float]:
+    """Accuracy per qtype: is log p(gold yes/no prefix) > log p(the other)?"""
+    import torch
+
+    from pipeline.model.masking import encode
+
+    def prefix(query, yes: bool):
+        word = "Yes" if yes else "No"
+        return f"<think>\n{query} {word}" if fmt == "cot" else "\\boxed{" + word.lower() + "}"
+
+    model.eval()
+    correct: dict[str, list[int]] = {}
+    with torch.no_grad():
+        for i in range(0, len(items), bs):
+            chunk = items[i:i + bs]
+            convs = [conversation(q, img, prefix(q, yes)) for (q, _, _, img, _) in chunk for yes in (True, False)]
+            b = encode(proc, convs, labels="response")
+            lab = b.pop("labels")
+            logits = model(**b).logits[:, :-1]
+            tgt = lab[:, 1:]
+            lp = torch.log_softmax(logits.float(), -1).gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            # the two prefixes differ only at the decision word and after it (<|im_end|> is shared)
+            score = (lp * (tgt != -100)).sum(-1).view(-1, 2)
+            for (q, _, ans, _, qt), s in zip(chunk, score):
+                pred = "yes" if s[0] > s[1] else "no"
+                correct.setdefault(qt, []).append(int(pred == ans))
+    model.train()
+    return {k: round(100 * sum(v) / len(v), 1) for k, v in correct.items()}
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def param_groups(model, lr: float, vision_mult: float):
+    vis = [p for n, p in model.named_parameters() if ".visual." in f".{n}"]
+    rest = [p for n, p in model.named_parameters() if ".visual." not in f".{n}"]
+    return [{"params": vis, "lr": lr * vision_mult}, {"params": rest, "lr": lr}]
+
+
+def cmd_train(args) -> None:
+    import torch
+
+    from pipeline.model.masking import encode
+    from pipeline.train.engine import lr_lambda
+
+    model, proc, dims = build(args)
+    cfg = gen_cfg(args)
+    mix = {k: float(v) for k, v in (kv.split("=") for kv in args.mix.split(","))}
+    items = eval_set(cfg, args.eval_n)
+    caps = caption_set(cfg, args.eval_n // 2)
+    attrs = attribute_set(cfg, args.eval_n // 2)
+
+    def evaluate():
+        extra = attribute_token_accuracy(model, proc, caps) if args.format == "cot" else \
+            attribute_choice(model, proc, attrs)
+        return {**forced_choice(model, proc, items, args.format), **extra}
+    opt = torch.optim.AdamW(param_groups(model, args.lr, args.vision_lr_mult), lr=args.lr,
+                            betas=(0.9, 0.95), weight_decay=0.0)
+    for g in opt.param_groups:
+        g["peak"] = g["lr"]
+    rng = random.Random(f"train/{args.seed}")
+    model.train()
+    t0 = time.perf_counter()
+    curve, losses, step, seen, eval_s = [], [], 0, 0, 0.0
+    next_eval = args.eval_every
+    while True:
+        el = time.perf_counter() - t0 - eval_s  # training time only: evaluation is not budgeted
+        # progress in [0, 1]: by steps, or by wall time (the budget of the issue is wall time)
+        frac = step / args.steps if args.steps else el / (args.minutes * 60)
+        if frac >= 1:
+            break
+        # the engine's schedule (linear warm-up, cosine to 10 %) as a function of progress
+        f = lr_lambda(1000, args.warmup)(int(1000 * frac))
+        for g in opt.param_groups:
+            g["lr"] = g["peak"] * f
+        batch = [sample(rng, cfg, mix) for _ in range(args.batch_size)]
+        convs = [conversation(q, img, response(cot, ans, args.format)) for q, cot, ans, img, _ in batch]
+        b = encode(proc, convs, labels="response")
+        loss = model(**b).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        seen += len(batch)
+        losses.append(float(loss))
+        if time.perf_counter() - t0 - eval_s >= next_eval * 60:
+            te = time.perf_counter()
+            train_min = round((te - t0 - eval_s) / 60, 2)
+            acc = evaluate()
+            eval_s += time.perf_counter() - te
+            curve.append({"min": train_min, "step": step, "seen": seen,
+                          "loss": round(sum(losses[-20:]) / len(losses[-20:]), 4), **acc})
+            print(curve[-1], flush=True)
+            next_eval += args.eval_every
+    wall = time.perf_counter() - t0 - eval_s
+    acc = evaluate()
+    row = {"cmd": "train", "preset": args.preset, "dims": dims, "image_size": args.image_size,
+           "object_scale": args.object_scale, "objects": [args.min_objects, args.max_objects], "mix": mix,
+           "format": args.format, "lr": args.lr, "vision_lr_mult": args.vision_lr_mult, "batch": args.batch_size,
+           "steps": step, "seen": seen, "wall_min": round(wall / 60, 2), "ex_per_min": round(seen / (wall / 60)),
+           "final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4), "acc": acc, "curve": curve,
+           "note": args.note, "full_attention": args.full_attention}
+    log_result(Path(args.log), row)
+    if args.save:
+        model.save_pretrained(args.save)
+        proc.save_pretrained(args.save)
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+
+def smart_hw(size: int) -> int:
+    """Side after Qwen's smart_resize for a square image (rounded to a multiple of 28)."""
+    return max(28, round(size / 28) * 28)
+
+
+def cmd_tokens(args) -> None:
+    """Merged tokens / patches an object's bounding box overlaps (any overlap counts)."""
+    rows = []
+    for size in (112, 128, 168, 224):
+        side = smart_hw(size)
+        k = side / size
+        for scale in (0.10, 0.14, 0.18):
+            row = {"image": size, "resized": side, "tokens": (side // 28) ** 2, "object_scale": scale}
+            for name in ("small", "large"):
+                r = _radius(name, size, scale) * k  # drawn radius in resized pixels
+                d = 2 * r
+                # expected number of 28 px cells a d x d box overlaps at a random offset: (1 + d/28)^2
+                row[f"{name}_px"] = round(d, 1)
+                row[f"{name}_tokens"] = round((1 + d / 28) ** 2, 1)
+                row[f"{name}_token_share"] = round(min(1.0, (d / 28) ** 2), 2)  # object area / one token
+                row[f"{name}_patches_full"] = max(0, int(d // 14) - 1) ** 2  # 14 px patches it covers fully
+            rows.append(row)
+    for r in rows:
+        print(r)
+    log_result(Path(args.log), {"cmd": "tokens", "rows": rows})
+
+
+def _scenes(n: int, cfg, seed: int = 7):
+    from pipeline.data.scenes import sample_scene
+
+    rng = random.Random(f"probe/{seed}")
+    out = []
+    for i in range(n):
+        sc = sample_scene(rng, cfg.min_objects, cfg.max_objects, cfg.image_size, cfg.object_scale, i)
+        out.append((sc, render_scene(sc, object_scale=cfg.object_scale)))
+    return out
+
+
+def vision_features(model, proc, images, stage: str = "merger"):
+    """Per-image [tokens x dim] features at ``stage``: patch_embed | blocks | merger."""
+    import torch
+
+    ip = proc.image_processor
+    feats = []
+    vis = model.model.visual
+    with torch.no_grad():
+        for img in images:
+            b = ip(images=[img], return_tensors="pt")
+            pv, thw = b["pixel_values"], b["image_grid_thw"]
+            if stage == "patch_embed":
+                feats.append(vis.patch_embed(pv))
+            elif stage == "blocks":
+                feats.append(vis(pv, grid_thw=thw).last_hidden_state)
+            else:
+                feats.append(vis(pv, grid_thw=thw).pooler_output)
+    return feats
+
+
+def linear_probe(X, Y, train_frac: float = 0.7, l2: float = 1e-2):
+    """Per-label held-out accuracy of a ridge classifier (closed form, standardised features)."""
+    import torch
+
+    n = X.shape[0]
+    k = int(n * train_frac)
+    mu, sd = X[:k].mean(0), X[:k].std(0) + 1e-6
+    Xs = torch.cat([(X - mu) / sd, torch.ones(n, 1)], 1)
+    A = Xs[:k].T @ Xs[:k] + l2 * k * torch.eye(Xs.shape[1])
+    W = torch.linalg.solve(A, Xs[:k].T @ (2 * Y[:k] - 1))
+    pred = (Xs[k:] @ W) > 0
+    return ((pred == Y[k:].bool()).float().mean(0) * 100).tolist()
+
+
+def cmd_features(args) -> None:
+    """Linear probe for 'colour c present' on pooled vision features (random init or --model)."""
+    import torch
+
+    if args.model:
+        from pipeline.model import load
+
+        model, proc = load(args.model)
+    else:
+        model, proc, _ = build(args)
+    cfg = gen_cfg(args)
+    data = _scenes(args.n, cfg)
+    colors = ATTRIBUTES["color"]
+    Y = torch.tensor([[float(any(o["color"] == c for o in sc["objects"])) for c in colors] for sc, _ in data])
+    res = {"majority": round(float(torch.maximum(Y.mean(0), 1 - Y.mean(0)).mean() * 100), 1)}
+    for stage in ("patch_embed", "blocks", "merger"):
+        feats = vision_features(model, proc, [im for _, im in data], stage)
+        for pool in ("mean", "max"):
+            X = torch.stack([f.mean(0) if pool == "mean" else f.max(0).values for f in feats])
+            acc = linear_probe(X, Y)
+            res[f"{stage}/{pool}"] = round(sum(acc) / len(acc), 1)
+    # pixel baseline: a 4x4x4 colour histogram of the image (what a perfect colour detector would see)
+    import numpy as np
+
+    H = []
+    for _, im in data:
+        a = (np.asarray(im) // 64).reshape(-1, 3)
+        H.append(np.bincount(a[:, 0] * 16 + a[:, 1] * 4 + a[:, 2], minlength=64) > 0)
+    acc = linear_probe(torch.tensor(np.array(H), dtype=torch.float32), Y)
+    res["pixel_histogram"] = round(sum(acc) / len(acc), 1)
+    log_result(Path(args.log), {"cmd": "features", "model": args.model or f"{args.preset} (random init)",
+                                "image_size": args.image_size, "object_scale": args.object_scale, "n": args.n,
+                                "balanced_acc_mean_over_colours": res, "note": args.note})
+
+
+def cmd_grads(args) -> None:
+    """Gradient norm per module group, averaged over a few batches of existence questions."""
+    import torch
+
+    from pipeline.model.masking import encode
+
+    if args.model:
+        from pipeline.model import load
+
+        model, proc = load(args.model)
+    else:
+        model, proc, _ = build(args)
+    model.train()
+    cfg = gen_cfg(args)
+    rng = random.Random("grads")
+    groups: dict[str, float] = {}
+    pnorm: dict[str, float] = {}
+
+    def group(n: str) -> str:
+        n = n.replace("model.", "", 1)
+        parts = n.split(".")
+        if parts[0] == "visual":
+            return "visual." + (".".join(parts[1:3]) if parts[1] == "blocks" else parts[1])
+        if parts[0] == "language_model":
+            return "lm." + (".".join(parts[1:3]) if parts[1] == "layers" else parts[1])
+        return parts[0]
+    for _ in range(args.batches):
+        batch = [sample(rng, cfg, {"exist": 1.0}) for _ in range(8)]
+        convs = [conversation(q, img, response(cot, ans, "cot")) for q, cot, ans, img, _ in batch]
+        model(**encode(proc, convs, labels="response")).loss.backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            g = group(n)
+            groups[g] = groups.get(g, 0.0) + float(p.grad.norm() ** 2) / args.batches ** 2
+            pnorm[g] = pnorm.get(g, 0.0) + float(p.norm() ** 2)
+    rows = {g: {"grad": round(math.sqrt(v), 5), "param": round(math.sqrt(pnorm[g]), 3),
+                "ratio": float(f"{math.sqrt(v) / max(math.sqrt(pnorm[g]), 1e-12):.2e}")} for g, v in groups.items()}
+    for g, r in rows.items():
+        print(f"{g:<28} {r}")
+    log_result(Path(args.log), {"cmd": "grads", "model": args.model or f"{args.preset} (random init)",
+                                "rows": rows, "note": args.note})
+
+
+def cmd_checks(args) -> None:
+    """Normalisation, resize, window partition, image position ids, small-object sensitivity."""
+    import torch
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import get_vision_window_index
+
+    model, proc, dims = build(args)
+    cfg = gen_cfg(args)
+    ip = proc.image_processor
+    out: dict = {"image_mean": list(ip.image_mean), "image_std": list(ip.image_std)}
+    sc, img = _scenes(1, cfg)[0]
+    b = ip(images=[img], return_tensors="pt")
+    thw = b["image_grid_thw"][0].tolist()
+    out["grid_thw"] = thw
+    out["resized_px"] = [thw[1] * 14, thw[2] * 14]
+    pv = b["pixel_values"]
+    out["pixel_range"] = [round(float(pv.min()), 2), round(float(pv.max()), 2)]
+    # colour separability after normalisation: min distance between two object colours' normalised RGB
+    mean, std = torch.tensor(ip.image_mean), torch.tensor(ip.image_std)
+    rgb = {c: (torch.tensor(v) / 255 - mean) / std for c, v in COLOR_RGB.items()}
+    names = list(rgb)
+    d = min(float((rgb[a] - rgb[c]).norm()) for i, a in enumerate(names) for c in names[i + 1:])
+    out["min_colour_distance_normalised"] = round(d, 3)
+    win, cu = get_vision_window_index(b["image_grid_thw"], spatial_merge_size=2, window_size=112, patch_size=14)
+    out["windows"] = len(cu) - 1
+    out["window_sizes_patches"] = torch.diff(torch.as_tensor(cu)).tolist()
+    out["fullatt_block_indexes"] = list(model.config.vision_config.fullatt_block_indexes)
+    # mRoPE position ids of the image tokens: (t, h, w) must walk the 2D grid
+    from pipeline.model.masking import encode
+
+    enc = encode(proc, [conversation("Is there a cube?", img)], add_generation_prompt=True)
+    pos, _ = model.model.get_rope_index(enc["input_ids"], enc.get("mm_token_type_ids"), enc["image_grid_thw"],
+                                        attention_mask=enc["attention_mask"]) if _rope_takes_mm(model) else \
+        model.model.get_rope_index(enc["input_ids"], enc["image_grid_thw"], None, attention_mask=enc["attention_mask"])
+    img_id = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    mask = enc["input_ids"][0] == img_id
+    p = pos[:, 0, mask]
+    out["image_token_positions_hw"] = {"h": sorted(set(p[1].tolist())), "w": sorted(set(p[2].tolist())),
+                                       "t_unique": sorted(set(p[0].tolist()))}
+    # sensitivity: one small object added to an empty floor, how much does each merged token move?
+    empty = make_scene([], random.Random(0), cfg.image_size, cfg.object_scale)
+    one = {"split": "x", "image_size": [cfg.image_size] * 2, "objects": [
+        {"shape": "sphere", "color": "red", "size": "small", "material": "rubber",
+         "pixel_coords": [cfg.image_size // 2 - 10, cfg.image_size // 2 - 10, 0.5]}]}
+    f0, f1 = vision_features(model, proc, [render_scene(empty, object_scale=cfg.object_scale),
+                                           render_scene(one, object_scale=cfg.object_scale)])
+    delta = (f1 - f0).norm(dim=-1)
+    out["small_object_feature_change"] = {"max_token": round(float(delta.max()), 4),
+                                          "median_token": round(float(delta.median()), 4),
+                                          "feature_norm": round(float(f0.norm(dim=-1).mean()), 4)}
+    emb = model.model.language_model.embed_tokens.weight.detach()
+    out["text_embedding_norm"] = round(float(emb.norm(dim=-1).mean()), 4)
+    for k, v in out.items():
+        print(f"{k}: {v}")
+    log_result(Path(args.log), {"cmd": "checks", "image_size": cfg.image_size, "dims": dims, **out})
+
+
+def _rope_takes_mm(model) -> bool:
+    import inspect
+
+    return "mm_token_type_ids" in inspect.signature(model.model.get_rope_index).parameters
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp):
+        sp.add_argument("--preset", default="tiny", choices=["tiny", "tiny-xs"])
+        sp.add_argument("--vis-dim", type=int, default=0)
+        sp.add_argument("--vis-depth", type=int, default=0)
+        sp.add_argument("--vis-heads", type=int, default=0)
+        sp.add_argument("--text-hidden", type=int, default=0)
+        sp.add_argument("--text-layers", type=int, default=0)
+        sp.add_argument("--full-attention", action="store_true", help="every vision block attends globally")
+        sp.add_argument("--image-size", type=int, default=128)
+        sp.add_argument("--max-pixels", type=int, default=224 * 224)
+        sp.add_argument("--object-scale", type=float, default=0.14)
+        sp.add_argument("--min-objects", type=int, default=3)
+        sp.add_argument("--max-objects", type=int, default=6)
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--log", default=str(LOG))
+        sp.add_argument("--note", default="")
+
+    t = sub.add_parser("train")
+    common(t)
+    t.add_argument("--minutes", type=float, default=3.0)
+    t.add_argument("--steps", type=int, default=0, help="fixed step count instead of a time budget")
+    t.add_argument("--mix", default="exist=1", help="qtype weights, e.g. exist=1,exist2=1,attribute=0.5")
+    t.add_argument("--format", choices=["cot", "answer"], default="cot")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--vision-lr-mult", type=float, default=1.0)
+    t.add_argument("--warmup", type=float, default=0.05)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--eval-n", type=int, default=96)
+    t.add_argument("--eval-every", type=float, default=1.0, help="minutes between evaluations")
+    t.add_argument("--save", default="")
+    t.set_defaults(fn=cmd_train)
+
+    for name, fn in (("tokens", cmd_tokens), ("checks", cmd_checks), ("features", cmd_features),
+                     ("grads", cmd_grads)):
+        sp = sub.add_parser(name)
+        common(sp)
+        sp.add_argument("--model", default="", help="a checkpoint dir instead of a random-init preset")
+        sp.add_argument("--n", type=int, default=600, help="features: images")
+        sp.add_argument("--batches", type=int, default=4, help="grads: batches averaged")
+        sp.set_defaults(fn=fn)
+
+    args = p.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

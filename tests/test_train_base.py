@@ -1,0 +1,108 @@
+"""``trimpi train base``: curriculum phases on the engine, resume after interruption, metrics per qtype."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.train.base import BaseTrainConfig, Phase, train_base
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("base")
+    params = root / "params.yaml"
+    params.write_text(
+        "base: {seed: 0, model: tiny-xs, threads: 1}\n"
+        "model_init: {vocab_size: 1024, max_pixels: 12544}\n"
+        "generate_generic:\n"
+        "  train: {exist: 6, exist2: 4, objects: 6, text: 4}\n"
+        "  test_per_qtype: 2\n"
+        "  image_size: 64\n"
+        "  max_objects: 3\n")
+    assert main(["generate", "generic", "--params", str(params), "--out", str(root / "data")]) == 0
+    assert main(["model", "init", "--params", str(params), "--out", str(root / "init")]) == 0
+    return root
+
+
+def _state(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def _cfg(**kw):
+    phases = [Phase(["objects"], 2.0), Phase([], 1.0, 3e-3)]
+    return BaseTrainConfig(**{"batch_size": 2, "lr": 5e-3, "warmup_ratio": 0.0, "save_every": 2, "max_steps": 4,
+                              "phases": phases, "eval_max_new_tokens": 12, "eval_batch_size": 8, **kw})
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(setup):
+    full = train_base(_cfg(), str(setup / "init"), str(setup / "data"), str(setup / "full"),
+                      ckpt_dir=str(setup / "ck_full"))
+    calls = []
+
+    def kill_in_phase_1(step):
+        calls.append(step)
+        if len(calls) == 7:  # phase 0 ran steps 1-4; die at step 3 of phase 1 (after its step-2 checkpoint)
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_base(_cfg(), str(setup / "init"), str(setup / "data"), str(setup / "res"),
+                   ckpt_dir=str(setup / "ck_res"), on_step=kill_in_phase_1)
+    assert not (setup / "res").exists()                      # no half-written output
+    assert len(list((setup / "res.phases").glob("phase0-*/model.safetensors"))) == 1   # phase 0 kept
+    assert (setup / "ck_res" / "phase1" / "latest").read_text().strip() == "step-0000002"
+
+    calls.clear()
+    res = train_base(_cfg(), str(setup / "init"), str(setup / "data"), str(setup / "res"),
+                     ckpt_dir=str(setup / "ck_res"), on_step=calls.append)
+    assert calls == [3, 4]                                   # phase 0 reused, phase 1 resumed at step 2
+    a, b = _state(setup / "full"), _state(setup / "res")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert [p["steps"] for p in res["phases"]] == [4, 4] == [p["steps"] for p in full["phases"]]
+    assert not (setup / "res.phases").exists() and not (setup / "res" / "adapter").exists()
+    # every parameter moved, vision tower included (full fine-tune)
+    init = _state(setup / "init")
+    assert [k for k in init if torch.equal(init[k], a[k])] == []
+
+
+def test_metrics_report_accuracy_per_question_type(setup):
+    m = json.loads((setup / "full" / "metrics.json").read_text())
+    ev = m["eval"]
+    assert set(ev["accuracy"]) == {"exist", "exist2", "attribute", "count", "objects", "text"}
+    assert ev["n"] == {q: 2 for q in ev["accuracy"]}
+    assert all(0 <= v <= 100 for v in [*ev["accuracy"].values(), *ev["majority"].values()])
+    assert m["phases"][0]["qtypes"] == ["objects"] and m["phases"][1]["qtypes"] == "all"
+    card = json.loads((setup / "full" / "model_card.json").read_text())
+    assert card["stages"] == ["base"] and card["preset"] == "tiny-xs"
+    log = (setup / "full" / "train_log.csv").read_text().splitlines()
+    assert log[0].startswith("phase,step") and [r.split(",")[1] for r in log[1:]] == [str(i) for i in range(1, 9)]
+
+
+def test_pretrained_checkpoint_passes_through(tmp_path, setup):
+    src = tmp_path / "real"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "model_card.json").write_text(json.dumps({"preset": "qwen2.5-vl-7b"}))
+    m = train_base(_cfg(), str(src), str(setup / "data"), str(tmp_path / "out"))
+    assert m["skipped"] and (tmp_path / "out" / "config.json").read_text() == "{}"
+
+
+def test_dvc_stage_never_depends_on_policies():
+    import yaml
+
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train_base"]
+    deps = [str(d) for d in stage["deps"]]
+    assert "models/init" in deps and "data/generic" in deps
+    assert not any(d.startswith("policies") for d in deps)
+    assert "train_base" in stage["params"]
