@@ -119,7 +119,12 @@ def _tool_call(rng: random.Random) -> str:
 
 
 def corpus(n: int = 4000, seed: int = 0) -> list[str]:
-    """Synthetic training text for the tokenizer: a pure function of ``(n, seed)``."""
+    """Synthetic training text for the tokenizer: a pure function of ``(n, seed)``.
+
+    Queries and responses come from the pipeline's own builders (one definition of the format)."""
+    from pipeline.data.clevr_policy import QUERY
+    from pipeline.model.prompts import format_response
+
     rng = random.Random(seed)
     out: list[str] = []
     for _ in range(n):
@@ -132,15 +137,15 @@ def corpus(n: int = 4000, seed: int = 0) -> list[str]:
         out += [
             f"Policy: {name}\n# Condition {cid}: If {_condition(rng)}, go to Condition {_cond_id(rng)}. "
             f"Otherwise, the response is {case}.",
-            f"According to Policy: {name}, what should be the response for the given image?",
-            f"<think>\nCondition {cid} checks whether {_condition(rng)}. The image shows {attrs}. "
-            f"The condition is {rng.choice(['satisfied', 'not satisfied'])}, so I follow Condition {_cond_id(rng)}. "
-            f"The response is {case}.\n</think>\n\\boxed{{{case}}}",
+            QUERY.format(name=name),
+            format_response(f"Condition {cid} checks whether {_condition(rng)}. The image shows {attrs}. "
+                            f"The condition is {rng.choice(['satisfied', 'not satisfied'])}, so I follow "
+                            f"Condition {_cond_id(rng)}. The response is {case}.", case),
             f"User profile: {json.dumps(profile)}\nHistory: {_tool_call(rng)} -> "
             + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))),
-            f"<think>\nThe user has account type {profile['account_type']} with {profile['credits']} credits and "
-            f"age {profile['age']}, so the rule selects version {rng.randint(1, 5)}.\n</think>\n"
-            f"\\boxed{{{_tool_call(rng)}}}",
+            format_response(f"The user has account type {profile['account_type']} with {profile['credits']} "
+                            f"credits and age {profile['age']}, so the rule selects version {rng.randint(1, 5)}.",
+                            _tool_call(rng)),
             "Question: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))).capitalize()
             + f"? Answer: {rng.choice(['yes', 'no', str(rng.randint(0, 99)), rng.choice(COLORS)])}.",
             " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))).capitalize() + ".",
