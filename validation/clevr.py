@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.io import InputError
-from validation.expectations import CheckResult, python_check, run_expectations
+from validation.expectations import CheckResult, python_check, read_lenient, run_expectations
 
 FILES = {"train.jsonl": "train", "cot.jsonl": "train", "test.jsonl": "test", "override.jsonl": "override"}
 QUERY_RE = r"^According to Policy: [A-Za-z0-9][A-Za-z0-9_.-]*, what should be the response for the given image\?$"
@@ -47,27 +47,6 @@ class ValidateConfig:
     """Longest acceptable query (characters)."""
     example_rows: int = 5
     """Failing example rows kept per check in the report."""
-
-
-def _parse(path: Path) -> tuple[list[tuple[int, dict]], list[dict]]:
-    """(line number, raw dict) for good lines; failing rows for lines that are not a JSON object."""
-    from pipeline.data.records import Record
-
-    good, bad = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                if not isinstance(d, dict):
-                    raise ValueError(f"a JSON {type(d).__name__}, not an object")
-                Record.from_dict(d, path, i)
-            except (ValueError, InputError, TypeError) as e:
-                bad.append({"file": path.name, "line": i, "error": str(e)[:200], "text": line[:80]})
-                continue
-            good.append((i, d))
-    return good, bad
 
 
 def _frame(parsed: dict[str, list[tuple[int, dict]]]):
@@ -176,8 +155,8 @@ def validate(data_dir, policies_dir, config: ValidateConfig | None = None) -> li
             if fname != "override.jsonl" or expected.get(fname):
                 chk(f"{fname}: present", [{"file": fname, "error": "missing"}])
             continue
-        good, bad = _parse(p)
-        parsed[fname] = good
+        good, bad = read_lenient(p)
+        parsed[fname] = [(line, d) for line, d, _ in good]
         chk(f"{fname}: every line is a valid record", bad, "truncated or malformed JSONL / wrong fields")
     count_rows = [{"file": f, "manifest": n, "records": len(parsed.get(f, []))}
                   for f, n in expected.items() if len(parsed.get(f, [])) != n]

@@ -45,6 +45,39 @@ class CheckResult:
         return asdict(self)
 
 
+def read_lenient(path) -> tuple[list[tuple[int, dict, Any]], list[dict]]:
+    """Parse a records JSONL file without stopping at the first bad line.
+
+    Returns ``(good, bad)``: ``good`` holds ``(line, raw dict, Record)`` for every valid record
+    (``context`` and ``meta`` must be objects: every check reads them); ``bad`` holds one failing
+    row per truncated, non-object or schema-violating line, naming file and line. Validation
+    must list everything wrong at once and exit 1 (bad data), not 2 (bad invocation).
+    """
+    from pathlib import Path
+
+    from pipeline.data.records import Record
+    from pipeline.io import InputError
+
+    path = Path(path)
+    good, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                if not isinstance(d, dict):
+                    raise ValueError(f"a JSON {type(d).__name__}, not an object")
+                r = Record.from_dict(d, path, i)
+                if not isinstance(r.context, dict) or not isinstance(r.meta, dict):
+                    raise ValueError("context and meta must be JSON objects")
+            except (ValueError, TypeError, InputError) as e:
+                bad.append({"file": path.name, "line": i, "error": str(e)[:200], "text": line[:80]})
+                continue
+            good.append((i, d, r))
+    return good, bad
+
+
 def python_check(name: str, failing_rows: list[dict], details: str = "", max_rows: int = EXAMPLE_ROWS) -> CheckResult:
     """A check done in Python: it fails iff ``failing_rows`` is non-empty (examples are truncated)."""
     n = len(failing_rows)

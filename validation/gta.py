@@ -27,44 +27,21 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from validation.expectations import CheckResult, python_check, run_expectations
+from validation.expectations import CheckResult, python_check, read_lenient, run_expectations
 
 FILES = ("train", "cot", "test", "override")
 
 
 def _load(data_dir: Path) -> tuple[dict[str, list], dict[str, list[dict]]]:
-    """(records per split file, failing rows per file for lines that are not a valid record).
-
-    A truncated or hand-edited line is a failing row naming the file and line, not an
-    exception: the report must list everything wrong at once and ``trimpi validate`` must
-    exit 1 (bad data), not 2 (bad invocation). ``context`` and ``meta`` must be objects,
-    since every check below reads them.
-    """
-    from pipeline.data.records import Record
-    from pipeline.io import InputError
-
+    """(records per split file, failing rows per file for lines that are not a valid record)."""
     files: dict[str, list] = {}
     bad: dict[str, list[dict]] = {}
     for f in FILES:
         path = data_dir / f"{f}.jsonl"
         if not path.exists():
             continue
-        files[f], bad[f] = [], []
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            for i, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    d = json.loads(line)
-                    if not isinstance(d, dict):
-                        raise ValueError(f"a JSON {type(d).__name__}, not an object")
-                    r = Record.from_dict(d, path, i)
-                    if not isinstance(r.context, dict) or not isinstance(r.meta, dict):
-                        raise ValueError("context and meta must be JSON objects")
-                except (ValueError, TypeError, InputError) as e:
-                    bad[f].append({"file": path.name, "line": i, "error": str(e)[:200], "text": line[:80]})
-                    continue
-                files[f].append(r)
+        good, bad[f] = read_lenient(path)
+        files[f] = [r for _, _, r in good]
     return files, bad
 
 
