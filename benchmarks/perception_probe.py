@@ -306,6 +306,133 @@ def cmd_train(args) -> None:
         proc.save_pretrained(args.save)
 
 
+# ----------------------------------------------------------------------------- square (harness check)
+
+PURE = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220), "yellow": (240, 220, 20),
+        "black": (0, 0, 0), "orange": (250, 140, 0), "purple": (140, 40, 180), "cyan": (0, 200, 220)}
+
+
+def square_example(rng: random.Random, args):
+    """The recipe's task (§7), with knobs that move it towards ours one step at a time.
+
+    ``--colors pure|clevr`` (recipe's 8 saturated colours | CLEVR's 8), ``--background white|floor``
+    (the scene renderer's shaded grey floor), ``--shape square|clevr`` (flat square | a random CLEVR
+    object drawn by the scene renderer), ``--size-frac lo,hi`` (side / image side; recipe 0.25-0.5).
+    Returns (PIL image, query, colour word).
+    """
+    from PIL import Image, ImageDraw
+
+    from pipeline.data.scenes import SS, _background, _draw_object
+
+    size = args.image_size
+    palette = PURE if args.colors == "pure" else COLOR_RGB
+    c = rng.choice(list(palette))
+    lo, hi = (float(v) for v in args.size_frac.split(","))
+    s = rng.randint(int(size * lo), int(size * hi))
+    x, y = rng.randint(0, size - s), rng.randint(0, size - s)
+    if args.background == "white":
+        img = Image.new("RGB", (size * SS, size * SS), (255, 255, 255))
+    else:
+        img = _background(size * SS, size * SS).copy()
+    d = ImageDraw.Draw(img)
+    if args.shape == "square":
+        d.rectangle([x * SS, y * SS, (x + s) * SS, (y + s) * SS], fill=palette[c])
+        noun = "square"
+    else:
+        o = {"shape": rng.choice(ATTRIBUTES["shape"]), "color": c, "size": "large",
+             "material": rng.choice(ATTRIBUTES["material"])}
+        _draw_object(d, o, (x + s / 2) * SS, (y + s / 2) * SS, s / 2 * SS)
+        noun = "object"
+    return img.reduce(SS), f"What color is the {noun}?", c
+
+
+def square_response(c: str, noun: str, fmt: str) -> str:
+    from pipeline.model.prompts import format_response
+
+    return f"The {noun} is {c}." if fmt == "sentence" else format_response("", c)
+
+
+def cmd_square(args) -> None:
+    """Train the square-colour task with the recipe's plain loop (``--harness plain``) or the
+    pipeline's own path (``--harness engine``: Record -> prompts.build_messages -> masking.encode
+    -> DeepSpeed Engine with its warm-up + cosine schedule), same steps and lr; generation accuracy."""
+    import torch
+
+    from pipeline.data.records import Record
+    from pipeline.model import generate
+    from pipeline.model.masking import encode
+    from pipeline.model.prompts import build_messages, parse_answer
+
+    model, proc, dims = build(args)
+    rng = random.Random(f"square/{args.seed}")
+    test_rng = random.Random("square/test")
+    train_frac = args.size_frac
+    args.size_frac = args.eval_size_frac or train_frac  # held-out objects may be smaller than the training ones
+    tests = [square_example(test_rng, args) for _ in range(args.eval_n)]
+    args.size_frac = train_frac
+    noun = "square" if args.shape == "square" else "object"
+
+    def convs_of(items, with_response=True):
+        out = []
+        for img, q, c in items:
+            resp = square_response(c, noun, args.response) if with_response else None
+            if args.harness == "engine":
+                rec = Record(id="sq", task="generic", split="train", query=q, answer=c, images=["x"])
+                out.append(build_messages(rec, [img], None, resp))
+            else:
+                out.append(conversation(q, img, resp))
+        return out
+
+    def accuracy():
+        texts = generate(model, proc, convs_of(tests, False), max_new_tokens=12, batch_size=32)
+        if args.response == "sentence":
+            hits = [t.strip() == square_response(c, noun, "sentence") for (_, _, c), t in zip(tests, texts)]
+        else:
+            hits = [parse_answer(t) == c for (_, _, c), t in zip(tests, texts)]
+        return round(100 * sum(hits) / len(hits), 1), texts[:3]
+
+    if args.harness == "engine":
+        from pipeline.train.engine import Engine, TrainConfig
+
+        cfg = TrainConfig(lr=args.lr, batch_size=8, warmup_ratio=0.1, max_grad_norm=1.0, save_every=0, resume=False)
+        eng = Engine(model, cfg, args.steps, f"/tmp/square-ckpt-{os.getpid()}", seed=args.seed)
+        fwd, bwd = (lambda b: eng.forward(**b).loss), eng.backward
+        step_fn = eng.step
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
+        fwd = lambda b: model(**b).loss  # noqa: E731
+
+        def bwd(loss):
+            loss.backward()
+
+        def step_fn():
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+    model.train()
+    t0 = time.perf_counter()
+    curve, losses = [], []
+    for step in range(args.steps):
+        b = encode(proc, convs_of([square_example(rng, args) for _ in range(8)]), labels="response")
+        loss = fwd(b)
+        bwd(loss)
+        step_fn()
+        losses.append(float(loss))
+        if (step + 1) % args.eval_every_steps == 0 or step + 1 == args.steps:
+            acc, samples = accuracy()
+            curve.append({"step": step + 1, "min": round((time.perf_counter() - t0) / 60, 2),
+                          "loss": round(sum(losses[-20:]) / len(losses[-20:]), 4), "acc": acc})
+            print(curve[-1], samples, flush=True)
+    row = {"cmd": "square", "harness": args.harness, "preset": args.preset, "dims": dims, "lr": args.lr,
+           "steps": args.steps, "seen": 8 * args.steps, "image_size": args.image_size, "colors": args.colors,
+           "background": args.background, "shape": args.shape, "size_frac": args.size_frac,
+           "eval_size_frac": args.eval_size_frac or args.size_frac,
+           "response": args.response, "acc": curve[-1]["acc"], "curve": curve, "note": args.note}
+    log_result(Path(args.log), row)
+
+
 # ----------------------------------------------------------------------------- diagnostics
 
 
@@ -559,6 +686,21 @@ def main(argv=None) -> None:
     t.add_argument("--eval-every", type=float, default=1.0, help="minutes between evaluations")
     t.add_argument("--save", default="")
     t.set_defaults(fn=cmd_train)
+
+    q = sub.add_parser("square", help="harness check: the recipe's square-colour task")
+    common(q)
+    q.add_argument("--harness", choices=["plain", "engine"], default="plain")
+    q.add_argument("--steps", type=int, default=600)
+    q.add_argument("--lr", type=float, default=2e-3)
+    q.add_argument("--colors", choices=["pure", "clevr"], default="pure")
+    q.add_argument("--background", choices=["white", "floor"], default="white")
+    q.add_argument("--shape", choices=["square", "clevr"], default="square")
+    q.add_argument("--size-frac", default="0.25,0.5", help="square side / image side, lo,hi")
+    q.add_argument("--eval-size-frac", default="", help="size range of the held-out squares (default: --size-frac)")
+    q.add_argument("--response", choices=["sentence", "boxed"], default="sentence")
+    q.add_argument("--eval-n", type=int, default=64)
+    q.add_argument("--eval-every-steps", type=int, default=200)
+    q.set_defaults(fn=cmd_square)
 
     for name, fn in (("tokens", cmd_tokens), ("checks", cmd_checks), ("features", cmd_features),
                      ("grads", cmd_grads)):
