@@ -86,7 +86,8 @@ def build(args):
 
 def gen_cfg(args) -> "G.GenerateGenericConfig":
     return G.GenerateGenericConfig(image_size=args.image_size, object_scale=args.object_scale,
-                                   min_objects=args.min_objects, max_objects=args.max_objects)
+                                   min_objects=args.min_objects, max_objects=args.max_objects,
+                                   object_scale_max=getattr(args, "scale_max", 0.0))
 
 
 def sample(rng: random.Random, cfg, mix: dict[str, float]):
@@ -95,8 +96,9 @@ def sample(rng: random.Random, cfg, mix: dict[str, float]):
     if qtype == "text":
         _, query, cot, ans = G.text_question(rng)
         return query, cot, ans, None, qtype
-    _, scene, query, cot, ans = G.image_example(qtype, rng, cfg)
-    return query, cot, ans, render_scene(scene, object_scale=cfg.object_scale), qtype
+    # training scenes: per-scene object scale in [object_scale, object_scale_max] (generic_qa's own knob)
+    _, scene, query, cot, ans = G.image_example(qtype, rng, cfg, split="train")
+    return query, cot, ans, render_scene(scene, object_scale=scene["object_scale"]), qtype
 
 
 def conversation(query, image, response=None):
@@ -122,7 +124,7 @@ def eval_set(cfg, n: int, seed: int = 12345) -> list[tuple]:
     for qtype in ("exist", "exist2"):
         rng = random.Random(f"eval/{seed}/{qtype}")
         for _ in range(n):
-            _, scene, query, cot, ans = G.image_example(qtype, rng, cfg)
+            _, scene, query, cot, ans = G.image_example(qtype, rng, cfg, split="test")
             out.append((query, cot, ans, render_scene(scene, object_scale=cfg.object_scale), qtype))
     return out
 
@@ -131,7 +133,7 @@ def caption_set(cfg, n: int, seed: int = 54321) -> list[tuple]:
     rng = random.Random(f"eval/{seed}/objects")
     out = []
     for _ in range(n):
-        _, scene, query, cot, ans = G.image_example("objects", rng, cfg)
+        _, scene, query, cot, ans = G.image_example("objects", rng, cfg, split="test")
         out.append((query, cot, ans, render_scene(scene, object_scale=cfg.object_scale), "objects"))
     return out
 
@@ -170,7 +172,7 @@ def attribute_set(cfg, n: int, seed: int = 999) -> list[tuple]:
     rng = random.Random(f"eval/{seed}/attribute")
     out = []
     for _ in range(n):
-        q, scene, query, cot, ans = G.image_example("attribute", rng, cfg)
+        q, scene, query, cot, ans = G.image_example("attribute", rng, cfg, split="test")
         out.append((query, q["target"], ans, render_scene(scene, object_scale=cfg.object_scale), "attribute"))
     return out
 
@@ -192,9 +194,13 @@ def attribute_choice(model, proc, items, bs: int = 8) -> dict[str, float]:
             lp = torch.log_softmax(model(**b).logits[:, :-1].float(), -1)
             tgt = lab[:, 1:]
             score = (lp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (tgt != -100)).sum(-1)
-            hits.append(int(vals[int(score.argmax())] == ans))
+            hits.append((target, int(vals[int(score.argmax())] == ans)))
     model.train()
-    return {"attribute": round(100 * sum(hits) / len(hits), 1)}
+    out = {"attribute": round(100 * sum(h for _, h in hits) / len(hits), 1)}
+    for a in ATTRIBUTES:  # per asked attribute: chance 1/3 shape, 1/8 colour, 1/2 size and material
+        v = [h for t, h in hits if t == a]
+        out[f"attr_{a}"] = round(100 * sum(v) / max(1, len(v)), 1)
+    return out
 
 
 def forced_choice(model, proc, items, fmt: str, bs: int = 16) -> dict[str, float]:
@@ -242,12 +248,20 @@ def cmd_train(args) -> None:
     from pipeline.model.masking import encode
     from pipeline.train.engine import lr_lambda
 
-    model, proc, dims = build(args)
+    if args.init:
+        from pipeline.model import load
+
+        model, proc = load(args.init)
+        dims = {"init": args.init}
+    else:
+        model, proc, dims = build(args)
     cfg = gen_cfg(args)
+    ecfg = G.GenerateGenericConfig(**vars(cfg))  # eval scenes are split "test": always at object_scale
+    ecfg.min_objects, ecfg.max_objects = args.eval_min_objects or cfg.min_objects, args.eval_max_objects or cfg.max_objects
     mix = {k: float(v) for k, v in (kv.split("=") for kv in args.mix.split(","))}
-    items = eval_set(cfg, args.eval_n)
-    caps = caption_set(cfg, args.eval_n // 2)
-    attrs = attribute_set(cfg, args.eval_n // 2)
+    items = eval_set(ecfg, args.eval_n)
+    caps = caption_set(ecfg, args.eval_n // 2)
+    attrs = attribute_set(ecfg, args.eval_n // 2)
 
     def evaluate():
         extra = attribute_token_accuracy(model, proc, caps) if args.format == "cot" else \
@@ -299,7 +313,8 @@ def cmd_train(args) -> None:
            "format": args.format, "lr": args.lr, "vision_lr_mult": args.vision_lr_mult, "batch": args.batch_size,
            "steps": step, "seen": seen, "wall_min": round(wall / 60, 2), "ex_per_min": round(seen / (wall / 60)),
            "final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4), "acc": acc, "curve": curve,
-           "note": args.note, "full_attention": args.full_attention}
+           "note": args.note, "full_attention": args.full_attention, "scale_max": args.scale_max,
+           "init": args.init, "eval_objects": [ecfg.min_objects, ecfg.max_objects]}
     log_result(Path(args.log), row)
     if args.save:
         model.save_pretrained(args.save)
@@ -685,6 +700,11 @@ def main(argv=None) -> None:
     t.add_argument("--eval-n", type=int, default=96)
     t.add_argument("--eval-every", type=float, default=1.0, help="minutes between evaluations")
     t.add_argument("--save", default="")
+    t.add_argument("--init", default="", help="start from this checkpoint (a previous --save): curricula")
+    t.add_argument("--scale-max", type=float, default=0.0,
+                   help="training scenes draw their object scale in [object-scale, scale-max]")
+    t.add_argument("--eval-min-objects", type=int, default=0)
+    t.add_argument("--eval-max-objects", type=int, default=0)
     t.set_defaults(fn=cmd_train)
 
     q = sub.add_parser("square", help="harness check: the recipe's square-colour task")

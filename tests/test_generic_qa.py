@@ -161,3 +161,22 @@ def test_cli_writes_the_dataset(tmp_path):
     assert len(read_records(tmp_path / "g" / "train.jsonl")) == 6
     assert main(["generate", "generic", "--params", str(params), "--out", str(tmp_path / "h"),
                  "--set", "image_size=7"]) == 2
+
+
+def test_training_scenes_draw_their_object_scale_test_scenes_do_not(tmp_path):
+    cfg = GenerateGenericConfig(train={"exist": 30, "objects": 30}, test_per_qtype=5, object_scale_max=0.25,
+                                min_objects=1, max_objects=2)
+    build(tmp_path / "d", cfg, seed=0, progress=False)
+    store = ImageStore(tmp_path / "d")
+    train = read_records(tmp_path / "d" / "train.jsonl")
+    scales = [r.meta["scene"]["object_scale"] for r in train]
+    assert all(0.14 <= s <= 0.25 for s in scales) and max(scales) - min(scales) > 0.05
+    assert {r.meta["scene"]["object_scale"] for r in read_records(tmp_path / "d" / "test.jsonl")
+            if r.task == "generic"} == {0.14}
+    # the image is the render at the recorded scale, not at the default one
+    r = max(train, key=lambda r: r.meta["scene"]["object_scale"])
+    img = np.asarray(store.open(r.images[0]))
+    assert np.array_equal(img, np.asarray(render_scene(r.meta["scene"], object_scale=r.meta["scene"]["object_scale"])))
+    assert not np.array_equal(img, np.asarray(render_scene(r.meta["scene"], object_scale=0.14)))
+    with pytest.raises(InputError, match="generate_generic.object_scale_max"):
+        build(tmp_path / "x", GenerateGenericConfig(object_scale_max=0.1), seed=0, progress=False)

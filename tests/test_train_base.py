@@ -23,6 +23,7 @@ def setup(tmp_path_factory):
         "  train: {exist: 6, exist2: 4, objects: 6, text: 4}\n"
         "  test_per_qtype: 2\n"
         "  image_size: 64\n"
+        "  min_objects: 1\n"
         "  max_objects: 3\n")
     assert main(["generate", "generic", "--params", str(params), "--out", str(root / "data")]) == 0
     assert main(["model", "init", "--params", str(params), "--out", str(root / "init")]) == 0
@@ -106,3 +107,15 @@ def test_dvc_stage_never_depends_on_policies():
     assert "models/init" in deps and "data/generic" in deps
     assert not any(d.startswith("policies") for d in deps)
     assert "train_base" in stage["params"]
+
+
+def test_phase_max_objects_keeps_only_easy_scenes(setup):
+    from pipeline.train.base import _phase_examples, n_objects
+
+    data = str(setup / "data")
+    every = _phase_examples(data, _cfg(), Phase([], 1.0))
+    easy = _phase_examples(data, _cfg(), Phase([], 1.0, max_objects=1))
+    assert {n_objects(e.record) for e in every if e.record.task == "generic"} > {1}
+    assert easy and all(n_objects(e.record) <= 1 for e in easy)
+    assert {e.record.id for e in easy} == {e.record.id for e in every if n_objects(e.record) <= 1}
+    assert any(e.record.task == "text" for e in easy)  # text records have no scene and always pass

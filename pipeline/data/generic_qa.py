@@ -65,6 +65,9 @@ class GenerateGenericConfig:
     """Image side in pixels (Qwen2.5-VL: one merged token per 28x28 px)."""
     object_scale: float = 0.14
     """Large-object radius as a fraction of the image side (small objects: 0.62 of it)."""
+    object_scale_max: float = 0.0
+    """Training scenes draw their object scale uniformly in [object_scale, object_scale_max] (0 = all at
+    object_scale); test scenes always use object_scale. Larger objects bootstrap perception (PERCEPTION.md)."""
     min_objects: int = 3
     """Fewest objects per scene."""
     max_objects: int = 6
@@ -241,20 +244,30 @@ def check_config(cfg: GenerateGenericConfig, params) -> None:
     if cfg.image_size < 28 or not 0.01 <= cfg.object_scale <= 0.4:
         raise input_error(params, f"{sec}.image_size/object_scale", "image_size >= 28 and 0.01 <= object_scale <= 0.4",
                           (cfg.image_size, cfg.object_scale))
+    if cfg.object_scale_max and not cfg.object_scale <= cfg.object_scale_max <= 0.4:
+        raise input_error(params, f"{sec}.object_scale_max", "0 (off) or a scale in [object_scale, 0.4]",
+                          cfg.object_scale_max)
     if not 0.0 <= cfg.hard_negative_share <= 1.0:
         raise input_error(params, f"{sec}.hard_negative_share", "a share in [0, 1]", cfg.hard_negative_share)
 
 
 def image_example(qtype: str, rng: random.Random, cfg: GenerateGenericConfig, index: int = 0, split: str = "train"
                   ) -> tuple[dict, dict, str, str, str]:
-    """(question spec, scene graph, query, cot, answer) of one image question; no image rendered yet."""
+    """(question spec, scene graph, query, cot, answer) of one image question; no image rendered yet.
+
+    The scene records the object scale it was placed at (``scene["object_scale"]``): render it with that.
+    """
     from pipeline.io import InputError
 
     for _attempt in range(20):
         n = rng.randint(cfg.min_objects, cfg.max_objects)
         q, objs = sample_question(qtype, rng, n, cfg.hard_negative_share)
-        try:  # many large objects occasionally do not fit: draw another scene
-            scene = make_scene(objs, rng, cfg.image_size, cfg.object_scale, index, split)
+        scale = cfg.object_scale
+        if split == "train" and cfg.object_scale_max > scale:
+            scale = round(rng.uniform(cfg.object_scale, cfg.object_scale_max), 4)
+        try:  # many large objects occasionally do not fit: draw another scene (and scale)
+            scene = make_scene(objs, rng, cfg.image_size, scale, index, split)
+            scene["object_scale"] = scale
             break
         except InputError:
             continue
@@ -303,7 +316,7 @@ def build(out: str | Path, cfg: GenerateGenericConfig, seed: int, params="params
                         continue
                     while True:
                         q, scene, query, cot, ans = image_example(qtype, rng, cfg, i, split)
-                        data = _png(render_scene(scene, object_scale=cfg.object_scale))
+                        data = _png(render_scene(scene, object_scale=scene["object_scale"]))
                         h = hashlib.sha1(data).hexdigest()
                         if h not in seen_images:
                             break

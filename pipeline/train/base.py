@@ -52,6 +52,9 @@ class Phase:
     """Passes over the phase's records."""
     lr: float = 0.0
     """Peak learning rate of the phase (0 = the section's ``lr``)."""
+    max_objects: int = 0
+    """Only records whose scene has at most this many objects (0 = any; text records always pass):
+    an easy-scenes-first curriculum on one dataset."""
 
 
 @dataclass
@@ -80,6 +83,9 @@ def check_config(cfg: BaseTrainConfig, params) -> None:
     if not cfg.phases:
         raise input_error(params, "train_base.phases", "at least one phase", cfg.phases)
     for i, ph in enumerate(cfg.phases):
+        if ph.max_objects < 0:
+            raise input_error(params, f"train_base.phases[{i}].max_objects", "0 (any) or a positive count",
+                              ph.max_objects)
         if ph.epochs <= 0:
             raise input_error(params, f"train_base.phases[{i}].epochs", "a positive number", ph.epochs)
 
@@ -127,14 +133,23 @@ def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike, cfg: Bas
 # ----------------------------------------------------------------------------- stage
 
 
+def n_objects(record) -> int:
+    """Objects in a generic record's scene graph (0 for text-only records)."""
+    return len(((record.meta or {}).get("scene") or {}).get("objects") or [])
+
+
 def _phase_examples(data: str, cfg: BaseTrainConfig, phase: Phase):
     from pipeline.train.sft import load_examples
 
     examples = load_examples([data], cfg.data_file)
     if phase.qtypes:
         examples = [e for e in examples if e.record.meta.get("qtype", e.record.task) in phase.qtypes]
+    if phase.max_objects:
+        examples = [e for e in examples if n_objects(e.record) <= phase.max_objects]
     if not examples:
-        raise input_error(Path(data) / cfg.data_file, "meta.qtype", f"records of the phase's types {phase.qtypes}")
+        raise input_error(Path(data) / cfg.data_file, "meta.qtype/meta.scene",
+                          f"records of the phase's types {phase.qtypes or 'all'} with at most "
+                          f"{phase.max_objects or 'any number of'} objects")
     return examples
 
 
