@@ -12,7 +12,7 @@ the run completes at once as "skipped: policies unchanged" (``force`` overrides)
 pull`` from the remote when one is configured (unreachable after retries: warn and build
 locally); (c) the stages; (d) ``dvc push``; (e) a markdown summary (gate verdict, metrics vs
 the production model as it was before the run, registry entry), written to
-``orchestrate.summary`` and as a Prefect artifact. A failed stage stops the stages that follow,
+``orchestrate.summary`` and as a Prefect artifact. A failed stage stops the stages that depend on it,
 but push and the summary still happen (what was built is kept), then the run fails.
 
 Unlike library modules this one imports Prefect at the top: a deployment entrypoint needs the
@@ -200,16 +200,23 @@ def reinternalize(workspace: str = ".", params: str = "params.yaml", force: bool
         log.info(f"{len(order)} stage(s): {' -> '.join(order) or '(dvc.yaml declares none yet)'}")
         done: list[dict] = []
         failure: Exception | None = None
+        # A failed stage blocks only what depends on it: a refused gate stops promote, not the
+        # ablations, the report or the perception base that do not need the gate.
+        _, graph = runner.stage_graph(root)
+        blocked: dict[str, str] = {}
         for name in order:
+            if name in blocked:
+                done.append({"stage": name, "status": f"not run (needs failed stage {blocked[name]})"})
+                continue
             timeout = float(cfg.stage_timeouts.get(name, cfg.stage_timeout_s))
             try:
                 done.append(run_stage.with_options(name=f"stage {name}", task_run_name=name, **retry)(
                     str(root), name, timeout))
             except StageFailed as e:
-                failure = e
+                failure = failure or e
                 done.append({"stage": name, "status": "FAILED" + ("" if e.transient else " (not retried)")})
-                done += [{"stage": s, "status": "not run"} for s in order[len(done):]]
-                break
+                for s in runner.downstream(graph, name):
+                    blocked.setdefault(s, name)
 
         if remote_name and (cfg.push if push is None else push):
             try:

@@ -101,18 +101,14 @@ class StageTimeout(StageFailed):
 # ----------------------------------------------------------------------------- the graph
 
 
-def stage_order(root: str | os.PathLike = ".", only: list[str] | None = None) -> list[str]:
-    """Pipeline stages of the repo at ``root`` in dependency order (declaration order on ties).
-
-    ``only`` restricts to those stages (and keeps the computed order); unknown names are an error.
-    A ``dvc.yaml`` with no stages yet gives an empty list.
-    """
+def stage_graph(root: str | os.PathLike = ".") -> tuple[list[str], dict[str, set[str]]]:
+    """(stages in declaration order, direct dependencies of each stage) of the repo at ``root``."""
     from dvc.repo import Repo
 
     root = Path(root)
     dvc_yaml = root / "dvc.yaml"
     if not dvc_yaml.exists():
-        return []
+        return [], {}
     import yaml
 
     try:
@@ -120,15 +116,27 @@ def stage_order(root: str | os.PathLike = ".", only: list[str] | None = None) ->
     except yaml.YAMLError as e:
         raise input_error(dvc_yaml, "document", "valid YAML", str(e).splitlines()[0]) from None
     if not isinstance(raw, dict) or not raw.get("stages"):  # `stages:` with nothing under it yet: DVC would refuse the file
-        return []
+        return [], {}
     with Repo(str(root)) as repo:
         stages = [s for s in repo.index.stages if getattr(s, "cmd", None)]
-        pos = {_address(repo, s): i for i, s in enumerate(stages)}
-        needs = {_address(repo, s): set() for s in stages}
+        names = [_address(repo, s) for s in stages]
+        needs = {n: set() for n in names}
         for a, b in repo.index.graph.edges:  # edge a -> b: a depends on b
             a, b = _address(repo, a), _address(repo, b)
             if a in needs and b in needs:
                 needs[a].add(b)
+    return names, needs
+
+
+def stage_order(root: str | os.PathLike = ".", only: list[str] | None = None) -> list[str]:
+    """Pipeline stages of the repo at ``root`` in dependency order (declaration order on ties).
+
+    ``only`` restricts to those stages (and keeps the computed order); unknown names are an error.
+    A ``dvc.yaml`` with no stages yet gives an empty list.
+    """
+    names, graph = stage_graph(root)
+    pos = {n: i for i, n in enumerate(names)}
+    needs = {n: set(d) for n, d in graph.items()}
     order: list[str] = []
     ready = sorted((s for s, n in needs.items() if not n), key=pos.get)
     while ready:
@@ -143,9 +151,21 @@ def stage_order(root: str | os.PathLike = ".", only: list[str] | None = None) ->
     if only:
         unknown = [s for s in only if s not in pos]
         if unknown:
-            raise input_error(dvc_yaml, "stages", "names of stages declared there: " + ", ".join(order), unknown[0])
+            raise input_error(Path(root) / "dvc.yaml", "stages",
+                              "names of stages declared there: " + ", ".join(order), unknown[0])
         order = [s for s in order if s in only]
     return order
+
+
+def downstream(graph: dict[str, set[str]], failed: str) -> set[str]:
+    """Every stage that depends, directly or not, on ``failed`` (it cannot run after that failure)."""
+    out: set[str] = set()
+    frontier = {failed}
+    while frontier:
+        nxt = {s for s, deps in graph.items() if deps & frontier and s not in out}
+        out |= nxt
+        frontier = nxt
+    return out
 
 
 def _address(repo, stage) -> str:

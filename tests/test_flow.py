@@ -19,13 +19,15 @@ DVC_YAML = f"""stages:
     params: [base.seed]
     outs: [data]
   validate:
-    cmd: python -c "{COUNT}import sys,yaml; sys.exit(0 if yaml.safe_load(open('params.yaml'))['validate']['ok'] else 1)" validate
+    cmd: python -c "{COUNT}import os,sys,yaml; ok=yaml.safe_load(open('params.yaml'))['validate']['ok']; os.makedirs('metrics',exist_ok=True); open('metrics/validate.json','w').write('{{}}'); sys.exit(0 if ok else 1)" validate
     deps: [data]
     params: [validate.ok]
+    metrics:
+      - metrics/validate.json: {{cache: false}}
   train:
     # fails once with EX_TEMPFAIL (75, "try again"), then succeeds: a transient failure
     cmd: python -c "{COUNT}import os,sys,json; n=len(open('attempts/train').read()); sys.exit(75) if n==1 else None; os.makedirs('models/m',exist_ok=True); open('models/m/model.safetensors','wb').write(b'w'); json.dump(dict(loss=0.5),open('models/m/metrics.json','w'))" train
-    deps: [data]
+    deps: [data, metrics/validate.json]   # as in the real graph: train only on validated data
     outs: [models/m]
   evaluate:
     cmd: python -c "{COUNT}import os,json; os.makedirs('metrics',exist_ok=True); json.dump(dict(main=dict(score=88.0)),open('metrics/eval.json','w')); json.dump(dict(passed=True,checks=[]),open('metrics/gate.json','w'))" evaluate
@@ -90,14 +92,14 @@ def test_run_retries_transient_then_skips_unchanged_then_fails_validation_withou
     assert time.monotonic() - t0 < 30
     assert _attempts(root, "generate") == 1
 
-    # 3. a validation failure (exit 1) fails the run at once: no retry, later stages not run
+    # 3. a validation failure (exit 1) fails the run: no retry, the stages that need it not run
     (root / "params.yaml").write_text(PARAMS.replace("ok: true", "ok: false"))
     state = reinternalize(workspace=str(root), force=True, return_state=True)
     assert state.is_failed()
     assert _attempts(root, "validate") == 2  # once in run 1, once here: never retried
     tasks, _ = _task_runs(state.state_details.flow_run_id)
     assert tasks["validate"].state.is_failed() and tasks["validate"].run_count == 1
-    assert "train" not in tasks  # nothing after the failed stage ran
+    assert "train" not in tasks  # nothing that depends on the failed stage ran
     summary = (root / "reports" / "reinternalize.md").read_text()
     assert "# reinternalize: failed" in summary and "| validate | FAILED (not retried) |" in summary
-    assert "| train | not run |" in summary and "Production stays **v1**" in summary
+    assert "| train | not run (needs failed stage validate) |" in summary and "Production stays **v1**" in summary

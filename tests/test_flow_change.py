@@ -114,3 +114,13 @@ def test_stage_metrics_reads_declared_metrics_and_checkpoint_metrics(dvc_repo):
     (root / "metrics").mkdir()
     (root / "metrics" / "t.json").write_text(json.dumps({"acc": 1}))
     assert runner.stage_metrics(root, "train") == {"metrics/t.json": {"acc": 1}, "models/x/metrics.json": {"loss": 0.25}}
+
+
+def test_a_failed_stage_blocks_only_its_dependents():
+    from flows.runner import downstream
+
+    graph = {"generate": set(), "validate": {"generate"}, "train": {"validate"}, "evaluate": {"train"},
+             "gate": {"evaluate"}, "promote": {"gate"}, "report": {"evaluate"}, "base": {"generate"}}
+    assert downstream(graph, "gate") == {"promote"}
+    assert downstream(graph, "validate") == {"train", "evaluate", "gate", "promote", "report"}
+    assert downstream(graph, "promote") == set()
