@@ -63,7 +63,10 @@ def measure(ev) -> dict | None:
     for ds in ev.datasets:
         from pipeline.evaluate.suites import split_records
 
-        recs = [r for r in split_records(ds, "test", 0) if r.task in ("clevr", "gta")][:cfg.efficiency_samples]
+        pool = [r for r in split_records(ds, "test", 0) if r.task in ("clevr", "gta")]
+        # evenly spaced over the test file, which is ordered by policy: every policy gets timed
+        step = max(1, len(pool) // max(1, cfg.efficiency_samples))
+        recs = pool[::step][:cfg.efficiency_samples]
         for r in recs:
             pol = runner.policy_of(r, ds.root / "test.jsonl")
             imgs = [ds.store.open(ref) for ref in r.images]
