@@ -31,7 +31,11 @@ the very sentences CoT SFT will later chain.
 Departures from the obvious: one question per image (no sharing of images between questions),
 because the probe set must score each question type on images it has not seen; and the scene
 knobs (``image_size``, ``object_scale``, objects per scene) are this section's own, so perception
-can be made learnable here without touching ``generate_clevr`` (see benchmarks/PERCEPTION.md).
+can be made learnable here without touching ``generate_clevr`` (see benchmarks/PERCEPTION.md). One
+such knob departs from a fixed scene distribution: with ``object_scale_max`` each *training* scene is
+placed and drawn at its own object scale (recorded as ``scene["object_scale"]``), because a random
+tiny VLM only learns to name what it sees when some objects are large; test scenes stay at
+``object_scale``, so the probe set measures the small objects.
 """
 from __future__ import annotations
 

@@ -15,9 +15,10 @@ How it trains (findings and measurements in ``benchmarks/PERCEPTION.md``):
 * full fine-tune with the shared DeepSpeed engine and supervised loop of CPT/SFT
   (:func:`pipeline.train.sft.run_supervised`: resumable checkpoints, ``train_log.csv``), loss on
   the response only;
-* a **curriculum** of phases, each one ``run_supervised`` call on a subset of question types
-  (``phases``; default: object lists first, so the vision tower and the vision-to-word mapping
-  form before the yes/no questions that need them), each phase resumable on its own;
+* a **curriculum** of phases, each one ``run_supervised`` call on a subset of question types and,
+  optionally, of scenes with at most ``max_objects`` objects (``phases``; params.yaml: object lists
+  and attribute questions on 1-2-object scenes first, so the vision-to-word mapping forms before the
+  yes/no questions that need it), each phase resumable on its own;
 * evaluation by greedy generation on ``test.jsonl`` (the forgetting suite's probe set), exact
   match of the parsed ``\boxed{}`` answer, per ``meta.qtype``, next to each type's majority rate.
 
