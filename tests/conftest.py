@@ -85,3 +85,23 @@ def s3_server(tmp_path_factory):
 
     with S3Server(data_dir=tmp_path_factory.mktemp("seaweed"), buckets=["trimpi-test"]) as server:
         yield server
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """An in-process moto S3 endpoint on 127.0.0.1 (fast unit tests; SeaweedFS is ``s3_server``)."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()

@@ -1,6 +1,5 @@
 """Registry: versions, atomic production alias under crashes, rollback, CLI, local + S3 (moto) backends."""
 import json
-import socket
 import types
 
 import pytest
@@ -24,23 +23,6 @@ def _model(tmp_path, name, weights: bytes):
     (d / "tokenizer" / "tokenizer.json").write_text("{}")
     (d / ".cache").write_text("hidden files are not registered")
     return d
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 @pytest.fixture(params=["local", "s3"])

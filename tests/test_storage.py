@@ -1,26 +1,10 @@
 """Storage: the same behaviour on a local directory and on S3 (moto), retries, clear errors."""
-import socket
 
 import pytest
 
+from conftest import free_port
+
 from pipeline.storage import LocalStorage, NotFound, S3Storage, StorageError, open_storage
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 @pytest.fixture
@@ -115,7 +99,7 @@ def test_transient_errors_are_retried_then_named(monkeypatch):
 def test_unreachable_endpoint_fails_within_budget(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
-    s = open_storage("s3://bkt/p", endpoint_url=f"http://127.0.0.1:{_free_port()}", retries=2, backoff=0.01)
+    s = open_storage("s3://bkt/p", endpoint_url=f"http://127.0.0.1:{free_port()}", retries=2, backoff=0.01)
     with pytest.raises(StorageError, match=r"s3://bkt/p/a: get failed after 2 attempts"):
         s.get_bytes("a")
 
