@@ -560,8 +560,6 @@ def cmd_features(args) -> None:
 
 def cmd_grads(args) -> None:
     """Gradient norm per module group, averaged over a few batches of existence questions."""
-    import torch
-
     from pipeline.model.masking import encode
 
     if args.model:
