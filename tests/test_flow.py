@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 
 # `attempts/` is not a DVC output: it counts how often each command really ran.
 COUNT = "import os,sys; os.makedirs('attempts',exist_ok=True); open(f'attempts/{sys.argv[1]}','a').write('x'); "

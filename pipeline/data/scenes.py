@@ -209,7 +209,7 @@ def render_scene(scene: dict, image_size: int | None = None, object_scale: float
 
     Objects are drawn far-to-near (by ``pixel_coords`` y) with a soft ground shadow each.
     """
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
 
     size = image_size or int(scene.get("image_size", [128])[0])
     W = size * SS
@@ -235,7 +235,7 @@ def attribute_icon(attr: str, value: str, image_size: int = 128, object_scale: f
     attribute shown (others neutral: a large grey rubber sphere). For ``size`` the canvas has
     the same pixel scale as a scene, so "small" is judged against a fixed frame, as in a crop.
     """
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
 
     if attr not in ATTRIBUTES or value not in ATTRIBUTES[attr]:
         raise input_error(None, "attribute", f"a CLEVR attribute/value from {ATTRIBUTES}", f"{attr}={value}")

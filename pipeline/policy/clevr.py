@@ -406,7 +406,7 @@ def sample_policy(depth: int, rng: random.Random, name: str | None = None,
 
     tree = build(1, (), [])
     # ids by level (true child first), cases as a random permutation
-    level, ids, nodes_bfs, leaves = [tree], {}, [], []
+    level, ids, nodes_bfs = [tree], {}, []
     depth_i = 1
     while level:
         nxt = []
