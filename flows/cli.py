@@ -151,7 +151,8 @@ def run_run(args) -> int:
     summary = root / cfg.summary
     print("\n" + "=" * 72)
     if isinstance(result, dict):
-        print(f"reinternalize: {result['status']} ({result['reason']})")
+        why = result["reason"] if result["status"] == "skipped" else f"ran because: {result['reason']}"
+        print(f"reinternalize: {result['status']} ({why})")
     else:
         print(f"reinternalize: FAILED: {str(result).splitlines()[0] if str(result) else type(result).__name__}")
     print(f"  report:   {summary}" if summary.exists() else "  report:   (none written)")
