@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.cli import stop_server
 from pipeline.s3server import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,16 +40,6 @@ def _wait(pred, timeout, what):
             pass
         time.sleep(1)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def _stop(proc):
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.mark.slow
@@ -101,6 +91,6 @@ def test_served_deployment_runs_on_a_real_server_and_shows_in_the_ui(dvc_repo, t
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
     finally:
         for p in reversed(procs):
-            _stop(p)
+            stop_server(p)
         for f in logs.values():
             f.close()
