@@ -78,6 +78,8 @@ class GenerateClevrConfig:
 
 
 def check_config(cfg: GenerateClevrConfig, params) -> None:
+    from pipeline.data.scenes import check_scene_settings
+
     sec = "generate_clevr"
     for f in ("train_per_policy", "cot_per_policy", "test_per_policy", "override_per_policy", "override_count"):
         if getattr(cfg, f) < 0:
@@ -85,12 +87,7 @@ def check_config(cfg: GenerateClevrConfig, params) -> None:
     if cfg.cot_per_policy > cfg.train_per_policy:
         raise input_error(params, f"{sec}.cot_per_policy", f"at most train_per_policy ({cfg.train_per_policy})",
                           cfg.cot_per_policy)
-    if not 1 <= cfg.min_objects <= cfg.max_objects <= 10:
-        raise input_error(params, f"{sec}.min_objects/max_objects", "1 <= min_objects <= max_objects <= 10",
-                          (cfg.min_objects, cfg.max_objects))
-    if cfg.image_size < 16 or not 0.01 <= cfg.object_scale <= 0.4:
-        raise input_error(params, f"{sec}.image_size/object_scale", "image_size >= 16 and 0.01 <= object_scale <= 0.4",
-                          (cfg.image_size, cfg.object_scale))
+    check_scene_settings(params, sec, cfg)
     if cfg.source == "clevr" and not cfg.clevr_root:
         raise input_error(params, f"{sec}.clevr_root", "the CLEVR_v1.0 directory when source is clevr")
 

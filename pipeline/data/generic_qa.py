@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline.data.records import ImageStore, Record, write_records
-from pipeline.data.scenes import ATTRIBUTES, all_combos, make_scene, render_scene
+from pipeline.data.scenes import ATTRIBUTES, all_combos, check_scene_settings, make_scene, render_scene
 from pipeline.io import atomic_dir, atomic_write_json, input_error
 
 QTYPES = ("exist", "exist2", "attribute", "count", "objects", "text")
@@ -242,12 +242,7 @@ def check_config(cfg: GenerateGenericConfig, params) -> None:
     for k, v in {**{f"train.{q}": n for q, n in cfg.train.items()}, "test_per_qtype": cfg.test_per_qtype}.items():
         if not isinstance(v, int) or v < 0:
             raise input_error(params, f"{sec}.{k}", "a non-negative integer", v)
-    if not 1 <= cfg.min_objects <= cfg.max_objects <= 10:
-        raise input_error(params, f"{sec}.min_objects/max_objects", "1 <= min_objects <= max_objects <= 10",
-                          (cfg.min_objects, cfg.max_objects))
-    if cfg.image_size < 28 or not 0.01 <= cfg.object_scale <= 0.4:
-        raise input_error(params, f"{sec}.image_size/object_scale", "image_size >= 28 and 0.01 <= object_scale <= 0.4",
-                          (cfg.image_size, cfg.object_scale))
+    check_scene_settings(params, sec, cfg, min_image=28)
     if cfg.object_scale_max and not cfg.object_scale <= cfg.object_scale_max <= 0.4:
         raise input_error(params, f"{sec}.object_scale_max", "0 (off) or a scale in [object_scale, 0.4]",
                           cfg.object_scale_max)

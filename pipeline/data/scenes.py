@@ -51,6 +51,17 @@ SMALL_RATIO = 0.62  # small radius / large radius in pixels; CLEVR's 0.5 makes s
 DIRECTIONS = {"left": [-1.0, 0.0, 0.0], "right": [1.0, 0.0, 0.0], "front": [0.0, 1.0, 0.0], "behind": [0.0, -1.0, 0.0]}
 
 
+def check_scene_settings(params, sec: str, cfg, min_image: int = 16) -> None:
+    """Validate the scene knobs every scene-rendering generator shares (``image_size``,
+    ``object_scale``, ``min_objects``, ``max_objects``), naming ``params: <sec>.<field>``."""
+    if not 1 <= cfg.min_objects <= cfg.max_objects <= 10:
+        raise input_error(params, f"{sec}.min_objects/max_objects", "1 <= min_objects <= max_objects <= 10",
+                          (cfg.min_objects, cfg.max_objects))
+    if cfg.image_size < min_image or not 0.01 <= cfg.object_scale <= 0.4:
+        raise input_error(params, f"{sec}.image_size/object_scale",
+                          f"image_size >= {min_image} and 0.01 <= object_scale <= 0.4", (cfg.image_size, cfg.object_scale))
+
+
 def all_combos() -> list[dict[str, str]]:
     """Every possible object (3 x 8 x 2 x 2 = 96 attribute combinations)."""
     out = [{}]
