@@ -43,7 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data import generic_qa as G  # noqa: E402
-from pipeline.data.scenes import ATTRIBUTES, COLOR_RGB, _radius, make_scene, render_scene  # noqa: E402
+from pipeline.data.scenes import ATTRIBUTES, COLOR_RGB, object_radius, make_scene, render_scene  # noqa: E402
 
 LOG = Path(__file__).with_name("perception_runs.jsonl")
 
@@ -321,6 +321,74 @@ def cmd_train(args) -> None:
         proc.save_pretrained(args.save)
 
 
+# ----------------------------------------------------------------------------- dense (vision tower alone)
+
+
+def cmd_dense(args) -> None:
+    """The vision tower alone on per-token scene-graph labels (pipeline.train.vision), scenes rendered on
+    the fly at a per-scene scale in [object-scale, scale-max]; held-out scenes at object-scale."""
+    import torch
+
+    from pipeline.data.scenes import sample_scene
+    from pipeline.train import vision as V
+
+    model, proc, dims = build(args)
+    dense = V._head_module()(V._module(model), model.get_input_embeddings().embedding_dim)
+    ip, m = proc.image_processor, proc.image_processor.merge_size
+
+    def scenes(rng, n, lo, hi):
+        out = []
+        while len(out) < n:
+            s = rng.uniform(lo, hi)
+            try:
+                sc = sample_scene(rng, args.min_objects, args.max_objects, args.image_size, s)
+            except Exception:  # too many large objects for the image: draw again
+                continue
+            sc["object_scale"] = s
+            out.append((sc, render_scene(sc, object_scale=s)))
+        return out
+
+    def collate(items):
+        b = ip(images=[im for _, im in items], return_tensors="pt")
+        thw = b["image_grid_thw"]
+        Y = torch.cat([V.token_targets(sc, int(g[1]) // m, int(g[2]) // m) for (sc, _), g in zip(items, thw)])
+        return {"pixel_values": b["pixel_values"], "image_grid_thw": thw, "targets": Y}
+
+    held_out = scenes(random.Random("dense/eval"), 200, args.object_scale, args.object_scale)
+    opt = torch.optim.AdamW(dense.parameters(), lr=args.lr, weight_decay=0.0)
+    rng = random.Random(f"dense/{args.seed}")
+    curve, step, t0, eval_s, next_eval = [], 0, time.perf_counter(), 0.0, 0.0
+    from pipeline.train.engine import lr_lambda
+
+    while True:
+        el = time.perf_counter() - t0 - eval_s
+        if el >= next_eval * 60 or el >= args.minutes * 60:
+            te = time.perf_counter()
+            curve.append({"min": round(el / 60, 2), "step": step, **V.evaluate(dense, collate, held_out)})
+            print(curve[-1], flush=True)
+            eval_s += time.perf_counter() - te
+            next_eval += args.eval_every
+        if el >= args.minutes * 60:
+            break
+        for g in opt.param_groups:
+            g["lr"] = args.lr * lr_lambda(1000, args.warmup)(int(1000 * el / (args.minutes * 60)))
+        loss = dense(**collate(scenes(rng, args.batch_size, args.object_scale,
+                                      args.scale_max or args.object_scale))).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dense.parameters(), 1.0)
+        opt.step()
+        step += 1
+    log_result(Path(args.log), {"cmd": "dense", "preset": args.preset, "dims": dims, "lr": args.lr,
+                                "batch": args.batch_size, "objects": [args.min_objects, args.max_objects],
+                                "object_scale": args.object_scale, "scale_max": args.scale_max, "steps": step,
+                                "final": curve[-1], "curve": curve, "note": args.note})
+    if args.save:
+        from pipeline.model import save
+
+        save(model, proc, args.save)
+
+
 # ----------------------------------------------------------------------------- square (harness check)
 
 PURE = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220), "yellow": (240, 220, 20),
@@ -465,7 +533,7 @@ def cmd_tokens(args) -> None:
         for scale in (0.10, 0.14, 0.18):
             row = {"image": size, "resized": side, "tokens": (side // 28) ** 2, "object_scale": scale}
             for name in ("small", "large"):
-                r = _radius(name, size, scale) * k  # drawn radius in resized pixels
+                r = object_radius(name, size, scale) * k  # drawn radius in resized pixels
                 d = 2 * r
                 # expected number of 28 px cells a d x d box overlaps at a random offset: (1 + d/28)^2
                 row[f"{name}_px"] = round(d, 1)
@@ -704,6 +772,17 @@ def main(argv=None) -> None:
     t.add_argument("--eval-min-objects", type=int, default=0)
     t.add_argument("--eval-max-objects", type=int, default=0)
     t.set_defaults(fn=cmd_train)
+
+    d = sub.add_parser("dense", help="the vision tower alone on per-token scene-graph labels (§8)")
+    common(d)
+    d.add_argument("--minutes", type=float, default=3.0)
+    d.add_argument("--lr", type=float, default=2e-3)
+    d.add_argument("--warmup", type=float, default=0.03)
+    d.add_argument("--batch-size", type=int, default=32)
+    d.add_argument("--scale-max", type=float, default=0.0, help="0 = every scene at --object-scale")
+    d.add_argument("--eval-every", type=float, default=0.75, help="minutes between evaluations")
+    d.add_argument("--save", default="")
+    d.set_defaults(fn=cmd_dense, min_objects=1)
 
     q = sub.add_parser("square", help="harness check: the recipe's square-colour task")
     common(q)

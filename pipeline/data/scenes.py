@@ -73,7 +73,7 @@ def all_combos() -> list[dict[str, str]]:
 # ----------------------------------------------------------------------------- sampling
 
 
-def _radius(size: str, image_size: int, object_scale: float) -> float:
+def object_radius(size: str, image_size: int, object_scale: float) -> float:
     large = object_scale * image_size
     return large if size == "large" else large * SMALL_RATIO
 
@@ -87,7 +87,7 @@ def place_objects(objs: list[dict[str, str]], rng: random.Random, image_size: in
     sampling with restarts; impossible settings (too many / too big objects for the
     image) raise an InputError instead of looping forever.
     """
-    foot = [1.12 * _radius(o["size"], image_size, object_scale) for o in objs]
+    foot = [1.12 * object_radius(o["size"], image_size, object_scale) for o in objs]
     # larger objects first: they are the hard ones to fit
     order = sorted(range(len(objs)), key=lambda i: -foot[i])
     for _restart in range(50):
@@ -231,7 +231,7 @@ def render_scene(scene: dict, image_size: int | None = None, object_scale: float
     drawn = []
     for o in objs:
         x, y = o["pixel_coords"][0] * scale * SS, o["pixel_coords"][1] * scale * SS
-        r = _radius(o["size"], size, object_scale) * SS
+        r = object_radius(o["size"], size, object_scale) * SS
         drawn.append((o, x, y, r))
         d.ellipse([x - 0.9 * r, y + 0.45 * r, x + 1.1 * r, y + 1.0 * r], fill=(118, 118, 118))
     for o, x, y, r in drawn:
@@ -251,12 +251,12 @@ def attribute_icon(attr: str, value: str, image_size: int = 128, object_scale: f
     if attr not in ATTRIBUTES or value not in ATTRIBUTES[attr]:
         raise input_error(None, "attribute", f"a CLEVR attribute/value from {ATTRIBUTES}", f"{attr}={value}")
     o = {"shape": "sphere", "color": "gray", "size": "large", "material": "rubber", attr: value}
-    r_large = _radius("large", image_size, object_scale)
+    r_large = object_radius("large", image_size, object_scale)
     side = int(math.ceil(2.9 * r_large))
     W = side * SS
     img = _background(W, W).copy()
     d = ImageDraw.Draw(img)
-    r = _radius(o["size"], image_size, object_scale) * SS
+    r = object_radius(o["size"], image_size, object_scale) * SS
     _draw_object(d, o, W / 2, W / 2 + 0.1 * r, r)
     return img.reduce(SS)
 

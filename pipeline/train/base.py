@@ -12,7 +12,11 @@ never re-runs it (``dvc.yaml`` declares exactly those deps).
 
 How it trains (findings and measurements in ``benchmarks/PERCEPTION.md``):
 
-* full fine-tune with the shared DeepSpeed engine and supervised loop of CPT/SFT
+* first the vision tower alone (a phase with ``objective: vision``, :mod:`pipeline.train.vision`):
+  every visual token learns the attributes of the object under it from the scene graphs of the
+  same generic images. Without it the tower never learned shape, size or material through the
+  language model (one answer token per image is too little signal for a random ViT);
+* then full fine-tunes with the shared DeepSpeed engine and supervised loop of CPT/SFT
   (:func:`pipeline.train.sft.run_supervised`: resumable checkpoints, ``train_log.csv``), loss on
   the response only;
 * a **curriculum** of phases, each one ``run_supervised`` call on a subset of question types and,
@@ -45,7 +49,7 @@ TRAINED_PRESETS = ("tiny", "tiny-xs", "smollm2-vl")
 
 @dataclass
 class Phase:
-    """One curriculum phase: which question types it trains on, for how long, at what lr."""
+    """One curriculum phase: what it trains, on which records, for how long, at what lr."""
 
     qtypes: list[str] = field(default_factory=list)
     """Question types (``meta.qtype``) of train.jsonl used in this phase; empty = all."""
@@ -56,6 +60,11 @@ class Phase:
     max_objects: int = 0
     """Only records whose scene has at most this many objects (0 = any; text records always pass):
     an easy-scenes-first curriculum on one dataset."""
+    objective: str = "qa"
+    """``qa``: the language-model loss on the response (the pipeline's supervised loop); ``vision``: the
+    vision tower alone on per-token labels from the scene graphs (:mod:`pipeline.train.vision`)."""
+    batch_size: int = 0
+    """Micro batch of the phase (0 = the section's ``batch_size``); vision batches are cheap."""
 
 
 @dataclass
@@ -84,6 +93,11 @@ def check_config(cfg: BaseTrainConfig, params) -> None:
     if not cfg.phases:
         raise input_error(params, "train_base.phases", "at least one phase", cfg.phases)
     for i, ph in enumerate(cfg.phases):
+        if ph.objective not in ("qa", "vision"):
+            raise input_error(params, f"train_base.phases[{i}].objective", "qa or vision", ph.objective)
+        if ph.batch_size < 0:
+            raise input_error(params, f"train_base.phases[{i}].batch_size", "0 (section's) or a positive size",
+                              ph.batch_size)
         if ph.max_objects < 0:
             raise input_error(params, f"train_base.phases[{i}].max_objects", "0 (any) or a positive count",
                               ph.max_objects)
@@ -112,6 +126,7 @@ def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike, cfg: Bas
     store = ImageStore(data_dir)
     model, proc = load(model_dir, threads=threads)
     hits: dict[str, list[int]] = {}
+    caption: dict[str, list[int]] = {}
     fmt: list[int] = []
     golds: dict[str, Counter] = {}
     for i in tqdm(range(0, len(recs), cfg.eval_batch_size), desc="evaluate base", unit="batch", file=sys.stderr):
@@ -121,6 +136,9 @@ def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike, cfg: Bas
         for r, t in zip(chunk, texts):
             q = r.meta.get("qtype", r.task)
             hits.setdefault(q, []).append(int(exact_match(parse_answer(t), r.answer)))
+            if q == "objects":
+                for attr, ok in caption_hits(t, r.meta["scene"]).items():
+                    caption.setdefault(attr, []).extend(ok)
             golds.setdefault(q, Counter())[r.answer.strip().lower()] += 1
             fmt.append(int(format_ok(t)))
     acc = {q: round(100 * sum(v) / len(v), 1) for q, v in hits.items()}
@@ -128,7 +146,28 @@ def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike, cfg: Bas
     n = sum(len(v) for v in hits.values())
     return {"accuracy": acc, "majority": majority, "n": {q: len(v) for q, v in hits.items()},
             "overall": round(100 * sum(sum(v) for v in hits.values()) / max(1, n), 1),
+            "caption_attributes": {a: round(100 * sum(v) / len(v), 1) for a, v in caption.items() if v},
             "format_ok": round(100 * sum(fmt) / max(1, len(fmt)), 1)}
+
+
+def caption_hits(text: str, scene: dict) -> dict[str, list[int]]:
+    """Per attribute, 1/0 for each object of a generated left-to-right object list that names the
+    gold object's value at the same position (the first-order reading skill, apart from counting).
+
+    Objects missing from the list count as misses; extra ones are ignored."""
+    import re
+
+    from pipeline.data.generic_qa import PHRASE_ORDER, _left_to_right
+    from pipeline.data.scenes import ATTRIBUTES
+
+    alt = {a: "|".join(ATTRIBUTES[a]) for a in PHRASE_ORDER}
+    pat = re.compile(r"\ban? " + " ".join(f"({alt[a]})" for a in PHRASE_ORDER) + r"\b")
+    said = pat.findall(text)
+    out: dict[str, list[int]] = {a: [] for a in PHRASE_ORDER}
+    for i, gold in enumerate(_left_to_right(scene["objects"])):
+        for j, a in enumerate(PHRASE_ORDER):
+            out[a].append(int(i < len(said) and said[i][j] == gold[a]))
+    return out
 
 
 # ----------------------------------------------------------------------------- stage
@@ -182,20 +221,32 @@ def train_base(cfg: BaseTrainConfig, model: str, data: str, out: str, seed: int 
         else:
             pcfg = BaseTrainConfig(**{**asdict(cfg), "phases": cfg.phases})
             pcfg.epochs, pcfg.lr = ph.epochs, ph.lr or cfg.lr
+            pcfg.batch_size = ph.batch_size or cfg.batch_size
             pcfg.phases = cfg.phases
             examples = _phase_examples(data, cfg, ph)
-            ck = Path(ckpt_dir) / f"phase{i}" if ckpt_dir else None
-            print(f"train base: phase {i}: {len(examples)} records of {ph.qtypes or 'all types'}, "
+            ck = str(Path(ckpt_dir) / f"phase{i}") if ckpt_dir else None
+            print(f"train base: phase {i} ({ph.objective}): {len(examples)} records of {ph.qtypes or 'all types'}, "
                   f"{ph.epochs} epochs, lr {pcfg.lr}")
-            m = run_supervised(f"base-phase{i}", pcfg, str(prev), [data], str(pdir), examples, "response",
-                               with_policy=False, lora=False, seed=seed + i, threads=threads,
-                               ckpt_dir=str(ck) if ck else None, file=cfg.data_file, on_step=on_step)
+            if ph.objective == "vision":
+                from pipeline.data.records import read_records
+                from pipeline.train.vision import image_records, run_vision
+
+                held_out = image_records(read_records(Path(data) / cfg.eval_file), Path(data) / cfg.eval_file) \
+                    if cfg.eval_file else []
+                m = run_vision(f"base-phase{i}", pcfg, str(prev), data, str(pdir),
+                               image_records([e.record for e in examples], Path(data) / cfg.data_file), held_out,
+                               seed=seed + i, threads=threads, ckpt_dir=ck, on_step=on_step)
+            else:
+                m = run_supervised(f"base-phase{i}", pcfg, str(prev), [data], str(pdir), examples, "response",
+                                   with_policy=False, lora=False, seed=seed + i, threads=threads,
+                                   ckpt_dir=ck, file=cfg.data_file, on_step=on_step)
             phase_metrics.append(m)
         prev = pdir
 
     metrics = {"stage": "base", "preset": card.get("preset"), "seed": seed, "skipped": False,
-               "phases": [{"qtypes": ph.qtypes or "all", "steps": m.get("steps"), "examples": m.get("examples"),
-                           "final_loss": m.get("final_loss"), "wall_s": m.get("wall_s")}
+               "phases": [{"objective": ph.objective, "qtypes": ph.qtypes or "all", "steps": m.get("steps"),
+                           "examples": m.get("examples"), "final_loss": m.get("final_loss"),
+                           "wall_s": m.get("wall_s"), **({"eval": m["eval"]} if "eval" in m else {})}
                           for ph, m in zip(cfg.phases, phase_metrics)],
                "steps": sum(m.get("steps", 0) for m in phase_metrics),
                "train_wall_s": round(sum(m.get("wall_s", 0) or 0 for m in phase_metrics), 1),

@@ -396,7 +396,8 @@ def fit(engine: Engine, examples: list, collate: Callable[[list], dict], log: Tr
     while engine.global_step < engine.total_steps:
         idx = micro_batch(n, seed, micro, per_epoch, cfg.batch_size, engine.rank, engine.world_size)
         batch = collate([examples[i] for i in idx])
-        tokens += int(batch["attention_mask"].sum())
+        # tokens of a text batch; image patches of a vision-only batch (train base's vision phase)
+        tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["image_grid_thw"].prod(-1).sum())
         out = engine.forward(**batch)
         engine.backward(out.loss)
         acc_loss += float(out.loss.detach())
