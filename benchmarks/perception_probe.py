@@ -330,10 +330,11 @@ def cmd_dense(args) -> None:
     import torch
 
     from pipeline.data.scenes import sample_scene
+    from pipeline.model import vision_tower
     from pipeline.train import vision as V
 
     model, proc, dims = build(args)
-    dense = V._head_module()(V._module(model), model.get_input_embeddings().embedding_dim)
+    dense = V._head_module()(vision_tower(model), model.get_input_embeddings().embedding_dim)
     ip, m = proc.image_processor, proc.image_processor.merge_size
 
     def scenes(rng, n, lo, hi):

@@ -165,7 +165,7 @@ def test_vision_phase_trains_only_the_vision_tower(setup):
     cfg1 = _cfg(phases=[Phase([], 1.0, 5e-3, objective="vision", batch_size=4)], eval_file="")
     train_base(cfg1, str(setup / "init"), str(setup / "data"), str(setup / "vis1"))
     v = _state(setup / "vis1")
-    vision = [k for k in init if ".visual." in k or k.startswith("visual.") or "model.visual" in k]
+    vision = [k for k in init if ".visual." in f".{k}"]
     assert vision and [k for k in vision if torch.equal(init[k], v[k])] == []
     assert [k for k in init if k not in vision and not torch.equal(init[k], v[k])] == []
 
@@ -189,3 +189,12 @@ def test_caption_hits_score_each_listed_object_against_the_scene():
     text = "<think>From left to right: a small red metal cube, a large blue metal sphere.</think>\\boxed{2}"
     assert caption_hits(text, scene) == {"size": [1, 1], "color": [1, 1], "material": [1, 0], "shape": [1, 1]}
     assert caption_hits("From left to right: a small red metal cube.", scene)["shape"] == [1, 0]  # missing = miss
+
+
+def test_freeze_vision_phase_trains_the_language_model_only(setup):
+    cfg = _cfg(phases=[Phase(["objects"], 1.0, freeze_vision=True)], eval_file="")
+    train_base(cfg, str(setup / "init"), str(setup / "data"), str(setup / "frozen"))
+    init, out = _state(setup / "init"), _state(setup / "frozen")
+    vision = [k for k in init if ".visual." in f".{k}"]
+    assert vision and all(torch.equal(init[k], out[k]) for k in vision)
+    assert [k for k in init if k not in vision and torch.equal(init[k], out[k])] == []

@@ -29,6 +29,14 @@ def device_of(model):
     return next(model.parameters()).device
 
 
+def vision_tower(model):
+    """The vision tower + merger (``visual``) of a Qwen2-VL / Qwen2.5-VL model, PEFT-wrapped or not."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "visual":
+            return module
+    raise ValueError(f"{type(model).__name__} has no vision tower ('visual' module)")
+
+
 def load(path: str | os.PathLike, threads: int = 1, device: str | None = None,
          min_pixels: int | None = None, max_pixels: int | None = None, dtype=None):
     """(model, processor) from a local checkpoint directory; never reaches a hub.

@@ -65,6 +65,8 @@ class Phase:
     vision tower alone on per-token labels from the scene graphs (:mod:`pipeline.train.vision`)."""
     batch_size: int = 0
     """Micro batch of the phase (0 = the section's ``batch_size``); vision batches are cheap."""
+    freeze_vision: bool = False
+    """A ``qa`` phase trains the language model only (the tower keeps what a vision phase taught it)."""
 
 
 @dataclass
@@ -222,6 +224,7 @@ def train_base(cfg: BaseTrainConfig, model: str, data: str, out: str, seed: int 
             pcfg = BaseTrainConfig(**{**asdict(cfg), "phases": cfg.phases})
             pcfg.epochs, pcfg.lr = ph.epochs, ph.lr or cfg.lr
             pcfg.batch_size = ph.batch_size or cfg.batch_size
+            pcfg.freeze_vision = ph.freeze_vision or cfg.freeze_vision
             pcfg.phases = cfg.phases
             examples = _phase_examples(data, cfg, ph)
             ck = str(Path(ckpt_dir) / f"phase{i}") if ckpt_dir else None

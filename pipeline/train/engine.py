@@ -83,6 +83,10 @@ class TrainConfig:
     """Checkpoint every N optimizer steps for resume (0 = never; a killed run then restarts)."""
     resume: bool = True
     """Resume from the last matching checkpoint when the stage is re-run after an interruption."""
+    freeze_vision: bool = False
+    """Keep the vision tower and merger fixed (train the language model only). The tiny presets need it
+    after ``train base``'s vision phase: language-model gradients erase what the tower learned
+    (benchmarks/PERCEPTION.md §8)."""
 
 
 # ----------------------------------------------------------------------------- distributed

@@ -164,7 +164,7 @@ def run_supervised(stage: str, cfg: TrainConfig, model_path: str, data_dirs: lis
     """Train ``examples`` from ``model_path`` and write the checkpoint dir ``out``; returns metrics."""
     import torch
 
-    from pipeline.model import load, save, set_threads
+    from pipeline.model import load, save, set_threads, vision_tower
     from pipeline.train.engine import Engine, TrainLog, fit, plan, setup_distributed
 
     set_threads(threads)
@@ -181,6 +181,8 @@ def run_supervised(stage: str, cfg: TrainConfig, model_path: str, data_dirs: lis
         peft_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                               target_modules=cfg.lora_targets, task_type="CAUSAL_LM")
         model = get_peft_model(model, peft_cfg)
+    if getattr(cfg, "freeze_vision", False):
+        vision_tower(model).requires_grad_(False)
     model.train()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())

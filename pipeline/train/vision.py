@@ -70,11 +70,6 @@ def token_targets(scene: dict, grid_h: int, grid_w: int):
     return Y
 
 
-def _module(model):
-    """The vision tower of a Qwen2-VL / Qwen2.5-VL model (transformers 5 layout)."""
-    return model.model.visual
-
-
 def _head_module():
     import torch
 
@@ -158,7 +153,7 @@ def run_vision(stage: str, cfg, model_path: str, data: str, out: str, records: l
     import torch
 
     from pipeline.data.records import ImageStore
-    from pipeline.model import load, save, set_threads
+    from pipeline.model import load, save, set_threads, vision_tower
     from pipeline.train.engine import Engine, TrainLog, fit, plan, setup_distributed
     from pipeline.train.sft import _fingerprint, model_card
 
@@ -166,7 +161,7 @@ def run_vision(stage: str, cfg, model_path: str, data: str, out: str, records: l
     _, world = setup_distributed()
     torch.manual_seed(seed)
     model, proc = load(model_path, threads=threads, device="cpu")
-    dense = _head_module()(_module(model), model.get_input_embeddings().embedding_dim)
+    dense = _head_module()(vision_tower(model), model.get_input_embeddings().embedding_dim)
     store = ImageStore(data)
     collate = collate_fn(proc, store)
     per_epoch, total = plan(len(records), cfg, world)
@@ -178,7 +173,7 @@ def run_vision(stage: str, cfg, model_path: str, data: str, out: str, records: l
     log = TrainLog(ckpt / "train_log.csv", resume_step=start, enabled=eng.is_main)
     stats = fit(eng, records, collate, log, seed, per_epoch, start_step=start, desc=stage, on_step=on_step)
     sd = eng.full_state_dict()
-    _module(model).load_state_dict({k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")})
+    vision_tower(model).load_state_dict({k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")})
     dense.load_state_dict(sd)
     losses = [float(r["loss"]) for r in log.rows]
     metrics = {"stage": stage, "objective": "vision", "examples": len(records), "steps": eng.global_step,
