@@ -14,7 +14,11 @@ Measurements, one subcommand each (all single-threaded; results appended as JSON
   the vision tower, and how large is it compared to the language model's?);
 * ``train``    — a short training run with the given settings on freshly sampled generic QA
   (``pipeline.data.generic_qa``, the exact records of the ``train base`` stage), reporting
-  forced-choice yes/no accuracy of ``exist``/``exist2`` questions on a fixed held-out set over time.
+  forced-choice yes/no accuracy of ``exist``/``exist2`` questions on a fixed held-out set over time;
+  ``--turns K`` asks K yes/no questions per image, ``--text-scene`` replaces the image by its object
+  list written into the prompt (matching without vision);
+* ``dense``    — the vision tower alone on per-token scene-graph labels (``pipeline.train.vision``,
+  the ``train base`` vision phase), held-out token accuracy per attribute over time.
 
 The training loop here is a plain torch AdamW loop with the engine's LR schedule (warm-up, cosine
 to 10 %) instead of the DeepSpeed engine: same maths, no start-up cost, and per-group learning
@@ -90,15 +94,41 @@ def gen_cfg(args) -> "G.GenerateGenericConfig":
                                    object_scale_max=getattr(args, "scale_max", 0.0))
 
 
-def sample(rng: random.Random, cfg, mix: dict[str, float]):
-    """One (query, cot, answer, image-or-None, qtype) drawn from the qtype mix."""
+def sample(rng: random.Random, cfg, mix: dict[str, float], text_scene: bool = False):
+    """One (query, cot, answer, image-or-None, qtype, scene-or-None) drawn from the qtype mix.
+
+    ``text_scene``: no image; the scene's object list is written into the query instead (a
+    text-only version of the same question, to separate reading the image from matching)."""
     qtype = rng.choices(list(mix), weights=list(mix.values()))[0]
     if qtype == "text":
         _, query, cot, ans = G.text_question(rng)
-        return query, cot, ans, None, qtype
+        return query, cot, ans, None, qtype, None
     # training scenes: per-scene object scale in [object_scale, object_scale_max] (generic_qa's own knob)
     _, scene, query, cot, ans = G.image_example(qtype, rng, cfg, split="train")
-    return query, cot, ans, render_scene(scene, object_scale=scene["object_scale"]), qtype
+    if text_scene:
+        return scene_text(scene) + query, cot, ans, None, qtype, scene
+    return query, cot, ans, render_scene(scene, object_scale=scene["object_scale"]), qtype, scene
+
+
+def scene_text(scene: dict) -> str:
+    return "Objects: " + G.answer_for({"qtype": "objects", "desc": {}}, scene)[1] + "\n"
+
+
+def extra_turns(rng: random.Random, scene: dict, k: int, fmt: str) -> list[dict]:
+    """k more yes/no questions about the same scene (each answer a coin flip where the scene allows),
+    as user/assistant turns: k decisions per image instead of one."""
+    msgs = []
+    for _ in range(k):
+        want = rng.random() < 0.5
+        for _try in range(60):
+            qt = rng.choice(["exist", "exist2"])
+            q = {"qtype": qt, "desc": G._random_desc(rng, 1 if qt == "exist" else 2)}
+            ans, cot = G.answer_for(q, scene)
+            if (ans == "yes") == want:
+                break
+        msgs += [{"role": "user", "content": [{"type": "text", "text": G.question_text(q)}]},
+                 {"role": "assistant", "content": [{"type": "text", "text": response(cot, ans, fmt)}]}]
+    return msgs
 
 
 def conversation(query, image, response=None):
@@ -118,14 +148,17 @@ def response(cot: str, answer: str, fmt: str) -> str:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def eval_set(cfg, n: int, seed: int = 12345) -> list[tuple]:
+def eval_set(cfg, n: int, seed: int = 12345, text_scene: bool = False) -> list[tuple]:
     """A fixed held-out set: n exist + n exist2 questions, balanced yes/no by construction."""
     out = []
     for qtype in ("exist", "exist2"):
         rng = random.Random(f"eval/{seed}/{qtype}")
         for _ in range(n):
             _, scene, query, cot, ans = G.image_example(qtype, rng, cfg, split="test")
-            out.append((query, cot, ans, render_scene(scene, object_scale=cfg.object_scale), qtype))
+            if text_scene:
+                out.append((scene_text(scene) + query, cot, ans, None, qtype))
+            else:
+                out.append((query, cot, ans, render_scene(scene, object_scale=cfg.object_scale), qtype))
     return out
 
 
@@ -259,7 +292,7 @@ def cmd_train(args) -> None:
     ecfg = G.GenerateGenericConfig(**vars(cfg))  # eval scenes are split "test": always at object_scale
     ecfg.min_objects, ecfg.max_objects = args.eval_min_objects or cfg.min_objects, args.eval_max_objects or cfg.max_objects
     mix = {k: float(v) for k, v in (kv.split("=") for kv in args.mix.split(","))}
-    items = eval_set(ecfg, args.eval_n)
+    items = eval_set(ecfg, args.eval_n, text_scene=args.text_scene)
     caps = caption_set(ecfg, args.eval_n // 2)
     attrs = attribute_set(ecfg, args.eval_n // 2)
 
@@ -286,8 +319,10 @@ def cmd_train(args) -> None:
         f = lr_lambda(1000, args.warmup)(int(1000 * frac))
         for g in opt.param_groups:
             g["lr"] = g["peak"] * f
-        batch = [sample(rng, cfg, mix) for _ in range(args.batch_size)]
-        convs = [conversation(q, img, response(cot, ans, args.format)) for q, cot, ans, img, _ in batch]
+        batch = [sample(rng, cfg, mix, args.text_scene) for _ in range(args.batch_size)]
+        convs = [conversation(q, img, response(cot, ans, args.format)) +
+                 (extra_turns(rng, sc, args.turns - 1, args.format) if args.turns > 1 and qt in ("exist", "exist2") else [])
+                 for q, cot, ans, img, qt, sc in batch]
         b = encode(proc, convs, labels="response")
         loss = model(**b).loss
         loss.backward()
@@ -314,7 +349,8 @@ def cmd_train(args) -> None:
            "steps": step, "seen": seen, "wall_min": round(wall / 60, 2), "ex_per_min": round(seen / (wall / 60)),
            "final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4), "acc": acc, "curve": curve,
            "note": args.note, "full_attention": args.full_attention, "scale_max": args.scale_max,
-           "init": args.init, "eval_objects": [ecfg.min_objects, ecfg.max_objects]}
+           "init": args.init, "eval_objects": [ecfg.min_objects, ecfg.max_objects], "turns": args.turns,
+           "text_scene": args.text_scene}
     log_result(Path(args.log), row)
     if args.save:
         model.save_pretrained(args.save)
@@ -770,6 +806,9 @@ def main(argv=None) -> None:
     t.add_argument("--init", default="", help="start from this checkpoint (a previous --save): curricula")
     t.add_argument("--scale-max", type=float, default=0.0,
                    help="training scenes draw their object scale in [object-scale, scale-max]")
+    t.add_argument("--turns", type=int, default=1, help="yes/no questions per image (multi-turn), exist/exist2")
+    t.add_argument("--text-scene", action="store_true",
+                   help="no image: the object list is written into the query (text-only matching)")
     t.add_argument("--eval-min-objects", type=int, default=0)
     t.add_argument("--eval-max-objects", type=int, default=0)
     t.set_defaults(fn=cmd_train)
