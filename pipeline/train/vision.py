@@ -20,13 +20,13 @@ Departures from the obvious:
   objects occluding farther ones), so a small object that straddles four tokens labels all four.
 * Labels are computed at each scene's own ``object_scale`` (recorded by ``generate generic``), but
   sizes are only learnable when one scale is used throughout: at a per-scene scale a "small" object
-  can be larger in pixels than a "large" one elsewhere (PERCEPTION.md §8: size 85 % vs 98 %).
+  can be larger in pixels than a "large" one elsewhere (PERCEPTION.md §8.1: size 87 % vs 98 %).
 * The images are the generic dataset's own (``data/generic``, train split), so the phase adds no
   input to the stage and is versioned with the rest of its data.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.data.scenes import ATTRIBUTES, object_radius
