@@ -173,8 +173,7 @@ def run_vision(stage: str, cfg, model_path: str, data: str, out: str, records: l
     log = TrainLog(ckpt / "train_log.csv", resume_step=start, enabled=eng.is_main)
     stats = fit(eng, records, collate, log, seed, per_epoch, start_step=start, desc=stage, on_step=on_step)
     sd = eng.full_state_dict()
-    vision_tower(model).load_state_dict({k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")})
-    dense.load_state_dict(sd)
+    dense.load_state_dict(sd)  # dense.visual *is* model's tower: gathered ZeRO-3 weights land in the model too
     losses = [float(r["loss"]) for r in log.rows]
     metrics = {"stage": stage, "objective": "vision", "examples": len(records), "steps": eng.global_step,
                "resumed_from_step": start, "first_loss": losses[0] if losses else None,
