@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, TypeVar
 from pipeline.io import input_error, load_yaml
 
 T = TypeVar("T")
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 DEFAULT_PARAMS = "params.yaml"
 
 
@@ -75,6 +77,8 @@ def _coerce(value: Any, tp: Any, path: str, field: str) -> Any:
             raise input_error(path, field, "an integer", value)
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-4` (no dot) as a string; every user writes it so
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise input_error(path, field, "a number", value)
         return float(value)

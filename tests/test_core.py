@@ -27,6 +27,10 @@ def test_config_types_unknown_keys_and_overrides(tmp_path):
     with pytest.raises(InputError, match=r"stage.steps: expected an integer, got 'many'"):
         load_section(_Cfg, "stage", p, overrides=["steps=many"])
     assert parse_overrides(["a.b=1", "c=x"]) == {"a": {"b": 1}, "c": "x"}
+    # YAML 1.1 reads 1e-4 (no dot) as a string: a float field takes it as the number everyone means
+    assert load_section(_Cfg, "stage", p, overrides=["lr=1e-4"]).lr == 1e-4
+    with pytest.raises(InputError, match=r"stage.lr: expected a number, got 'fast'"):
+        load_section(_Cfg, "stage", p, overrides=["lr=fast"])
 
 
 def test_yaml_is_safe_and_errors_name_the_file(tmp_path):
