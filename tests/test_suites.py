@@ -33,6 +33,7 @@ class FakeRunner(S.Runner):
 
     def __init__(self, policies, internalized=None, skill=2, cfg=None):
         self.model_dir, self.cfg, self.policies, self._rendered = "fake", cfg or S.EvalConfig(), policies, {}
+        self.budgets = {}
         self.internalized = internalized if internalized is not None else policies
         self.skill = skill
         self.seen_policies = []

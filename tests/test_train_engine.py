@@ -4,7 +4,7 @@ import json
 import pytest
 
 from pipeline.io import InputError
-from pipeline.train.engine import TrainConfig, ds_config, lr_lambda, micro_batch, plan
+from pipeline.train.engine import TrainConfig, ds_config, epoch_order, lr_lambda, micro_batch, plan
 
 
 @pytest.mark.parametrize("name,stage", [("zero0", 0), ("zero2", 2), ("zero3", 3)])
@@ -52,3 +52,16 @@ def test_plan_and_batches_cover_each_epoch_once_per_rank():
     assert plan(10, TrainConfig(batch_size=3, epochs=2.0, max_steps=3), 1)[1] == 3
     with pytest.raises(InputError):
         plan(0, cfg, 1)
+
+
+def test_size_classes_never_share_a_batch_and_every_example_is_seen():
+    """SFT with a policy share: batches hold policy-in-context OR policy-free examples, never both."""
+    n, batch = 400, 8
+    kinds = [int(i % 10 < 3) for i in range(n)]  # 30 % long
+    order = epoch_order(n, 0, 0, kinds, batch)
+    assert sorted(order) == list(range(n))
+    batches = [order[k:k + batch] for k in range(0, n, batch)]
+    mixed = [b for b in batches if len({kinds[i] for i in b}) > 1]
+    assert len(mixed) <= 2  # at most the batch where a window's two classes meet
+    assert order != epoch_order(n, 0, 1, kinds, batch) and order == epoch_order(n, 0, 0, kinds, batch)
+    assert epoch_order(n, 0, 0) == epoch_order(n, 0, 0, None, batch)  # no classes: the plain shuffle

@@ -37,17 +37,21 @@ def _cfg(cls, **kw):
     return cls(**{"epochs": 1.0, "batch_size": 2, "lr": 5e-3, "warmup_ratio": 0.0, "save_every": 0, **kw})
 
 
+def _is_vision(key: str) -> bool:
+    return key.startswith("visual.") or ".visual." in key
+
+
 def test_cpt_changes_every_parameter_and_writes_outputs(setup):
     from pipeline.train.cpt import CPTConfig, train_cpt
 
     out = setup / "cpt"
-    m = train_cpt(_cfg(CPTConfig, max_steps=3), str(setup / "init"), [str(setup / "data")], str(REPO / "policies"),
-                  str(out), ckpt_dir=str(setup / "ck_cpt"))
+    m = train_cpt(_cfg(CPTConfig, max_steps=3, freeze_vision=False), str(setup / "init"), [str(setup / "data")],
+                  str(REPO / "policies"), str(out), ckpt_dir=str(setup / "ck_cpt"))
     before, after = _state(setup / "init"), _state(out)
     assert before.keys() == after.keys()
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
     assert unchanged == []                                           # full FT: every tensor moved
-    assert any(k.startswith("visual.") or ".visual." in k for k in before)   # vision tower included
+    assert any(_is_vision(k) for k in before)                        # vision tower included
     assert m["steps"] == 3 and m["labels"] == "all_but_visual" and not m["lora"]
     rows = (out / "train_log.csv").read_text().splitlines()
     assert rows[0].startswith("step,epoch,loss") and len(rows) == 4
@@ -166,3 +170,38 @@ def test_direct_sft_cli_and_lora_auto_is_full_ft_for_tiny(setup):
     assert not (out / "adapter").exists()
     assert main(["train", "sft", "--params", str(params), "--model", str(setup / "nope"), "--data",
                  str(setup / "data"), "--out", str(out)]) == 2
+
+
+def test_auto_freeze_keeps_a_from_scratch_tower_and_trains_all_the_rest(setup):
+    """freeze_vision: null on a preset whose tower train_base trains from scratch: the tower stays exactly
+    as it was, every language-model tensor moves."""
+    from pipeline.train.cpt import CPTConfig, train_cpt
+
+    out = setup / "cpt_frozen"
+    train_cpt(_cfg(CPTConfig, max_steps=2), str(setup / "init"), [str(setup / "data")], str(REPO / "policies"),
+              str(out), ckpt_dir=str(setup / "ck_frozen"))
+    before, after = _state(setup / "init"), _state(out)
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {k for k in before if not _is_vision(k)}
+
+
+def test_sft_policy_share_keeps_that_share_of_policies_in_context(setup, tmp_path):
+    from pipeline.train.sft import Example, keep_policy, load_examples
+
+    ex = load_examples([str(setup / "data")], "cot.jsonl", policies_root=str(REPO / "policies"))
+    assert all(e.policy is not None for e in ex) and len(ex) == 8
+    keep_policy(ex, 0.25, seed=0)
+    assert sum(e.policy is not None for e in ex) == 2
+    again = load_examples([str(setup / "data")], "cot.jsonl", policies_root=str(REPO / "policies"))
+    keep_policy(again, 0.25, seed=0)
+    assert [e.policy is None for e in again] == [e.policy is None for e in ex]   # seeded
+    assert isinstance(ex[0], Example)
+
+    from pipeline.train.sft import SFTConfig, train_sft
+
+    with pytest.raises(InputError, match="sft.policy_share"):
+        train_sft(_cfg(SFTConfig, policy_share=1.5), str(setup / "init"), [str(setup / "data")], str(tmp_path / "o"),
+                  policies=str(REPO / "policies"))
+    m = train_sft(_cfg(SFTConfig, max_steps=2, policy_share=0.5), str(setup / "init"), [str(setup / "data")],
+                  str(tmp_path / "sft"), ckpt_dir=str(tmp_path / "ck"), policies=str(REPO / "policies"))
+    assert m["steps"] == 2 and m["config"]["policy_share"] == 0.5

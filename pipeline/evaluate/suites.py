@@ -51,8 +51,10 @@ class EvalConfig:
     """Suites to run (any of main, in_context, override, referral, forgetting, efficiency)."""
     batch_size: int = 8
     """Conversations per generate call."""
-    max_new_tokens: int = 192
-    """Response budget; a CoT longer than this is cut and usually scores as malformed (no \\boxed{})."""
+    max_new_tokens: int = 0
+    """Response budget; 0 = derived from the data: the longest gold response of the records being
+    evaluated + 25 % (``prompts.response_budget``), recorded per suite in ``decoding.max_new_tokens``.
+    A fixed number cuts longer CoTs (depth 6) before ``\\boxed{}``, which then score as malformed."""
     do_sample: bool = False
     """Greedy decoding (paper evaluation decoding is unstated; greedy makes runs reproducible)."""
     temperature: float = 1.0
@@ -120,7 +122,17 @@ def split_records(ds: Dataset, split: str, limit: int) -> list[Record]:
     if not path.exists():
         return []
     recs = read_records(path)
-    return recs[:limit] if limit else recs
+    if not limit or len(recs) <= limit:
+        return recs
+    # round-robin over policies: the files are grouped by policy, and the first `limit` records
+    # would score one policy only
+    by_policy: dict[str, list[Record]] = {}
+    for r in recs:
+        by_policy.setdefault(r.policy, []).append(r)
+    queues = list(by_policy.values())
+    picked = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)][:limit]
+    order = {id(r): i for i, r in enumerate(recs)}
+    return sorted(picked, key=lambda r: order[id(r)])
 
 
 # ----------------------------------------------------------------------------- generation
@@ -137,6 +149,8 @@ class Runner:
         self.cfg = cfg
         self.policies = policies
         self._rendered: dict = {}
+        self.budgets: dict[str, int] = {}
+        """max_new_tokens used per respond() call (keyed by its description), for the metrics."""
 
     def render(self, policy, multimodal: bool):
         key = (policy.name, policy.version, multimodal)
@@ -169,12 +183,15 @@ class Runner:
         from tqdm import tqdm
 
         from pipeline.model import generate
+        from pipeline.model.prompts import response_budget
 
+        budget = self.cfg.max_new_tokens or response_budget(self.processor.tokenizer, recs)
+        self.budgets[desc] = budget
         bs = max(1, self.cfg.batch_size)
         texts: list[str] = []
         for i in tqdm(range(0, len(recs), bs), desc=desc, unit="batch", file=sys.stderr, mininterval=2):
             convs = self.conversations(ds, recs[i:i + bs], policies[i:i + bs] if policies else None)
-            texts += generate(self.model, self.processor, convs, max_new_tokens=self.cfg.max_new_tokens,
+            texts += generate(self.model, self.processor, convs, max_new_tokens=budget,
                               do_sample=self.cfg.do_sample, temperature=self.cfg.temperature, top_p=self.cfg.top_p)
         return texts
 
@@ -242,7 +259,7 @@ class Evaluation:
     def __init__(self, runner: Runner, datasets: list[Dataset], cfg: EvalConfig, preds_dir: Path):
         self.runner, self.datasets, self.cfg, self.preds = runner, datasets, cfg, preds_dir
         self.metrics: dict[str, Any] = {"model": runner.model_dir, "suites": [], "test_sets": {},
-                                        "decoding": {"do_sample": cfg.do_sample, "max_new_tokens": cfg.max_new_tokens}}
+                                        "decoding": {"do_sample": cfg.do_sample, "max_new_tokens": runner.budgets}}
         self._main_rows: list[dict] | None = None
         self._main_recs: list[Record] = []
         self._sim = None

@@ -27,6 +27,8 @@ TINY = {
     "tiny": dict(text_hidden=192, text_layers=3, text_heads=4, kv_heads=2, vis_dim=96, vis_depth=2, vis_heads=2),
     "tiny-xs": dict(text_hidden=128, text_layers=2, text_heads=4, kv_heads=2, vis_dim=64, vis_depth=2, vis_heads=2),
 }
+BUILT_IN = (*TINY, "smollm2-vl")
+"""Presets built in code with a freshly initialised vision tower."""
 REAL = {"qwen2.5-vl-3b": "Qwen2.5-VL-3B-Instruct", "qwen2.5-vl-7b": "Qwen2.5-VL-7B-Instruct"}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -45,6 +47,27 @@ class ModelInitConfig:
     """Where real checkpoints live: ``qwen2.5-vl-3b`` -> ``<dir>/Qwen2.5-VL-3B-Instruct`` (never downloaded)."""
     smollm2_vision_dim: int = 128
     """Width of the fresh vision tower grafted onto SmolLM2 (``smollm2-vl``)."""
+
+
+# ----------------------------------------------------------------------------- what a checkpoint is
+
+
+def random_language_model(card: dict) -> bool:
+    """The language model started from random weights (the tiny presets): LoRA cannot teach it anything
+    beyond the answer template, so supervised stages fine-tune it fully."""
+    return card.get("preset") in TINY
+
+
+def random_vision_tower(card: dict) -> bool:
+    """The vision tower started random (every preset built in code): ``train base`` must teach it to see."""
+    return card.get("preset") in BUILT_IN
+
+
+def freeze_vision(setting: bool | None, card: dict) -> bool:
+    """Resolve a stage's ``freeze_vision``: ``None`` (auto) freezes a tower that ``train base`` trained from
+    scratch — language-model gradients erase what it learned (benchmarks/PERCEPTION.md §8) — and leaves a
+    pretrained checkpoint's tower trainable (the paper fine-tunes it with the rest)."""
+    return random_vision_tower(card) if setting is None else setting
 
 
 # ----------------------------------------------------------------------------- tiny

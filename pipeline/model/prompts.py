@@ -211,6 +211,23 @@ def training_response(record, direct: bool = False) -> str:
     return format_response("" if direct else record.cot, record.answer)
 
 
+def response_budget(tokenizer, records, margin: float = 0.25, extra: int = 8) -> int:
+    """New-token budget that fits the longest gold response of ``records``, with a margin.
+
+    A fixed budget tuned for depth-2 CoTs cuts depth-6 ones before ``\\boxed{}`` (they then score as
+    malformed), so evaluation and RL rollouts derive theirs from the data they run on: the longest
+    :func:`training_response` in tokens, + ``margin`` of it, + ``extra`` (the end-of-turn token and
+    a generated object description a little longer than the gold one).
+    """
+    import math
+
+    texts = [training_response(r) for r in records]
+    if not texts:
+        return extra
+    longest = max(len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids)
+    return int(math.ceil(longest * (1 + margin))) + extra
+
+
 def images_of(messages: list[dict]) -> list:
     """PIL images of a conversation in the order the chat template emits their placeholders."""
     return [p["image"] for m in messages if isinstance(m.get("content"), list)

@@ -83,10 +83,10 @@ class TrainConfig:
     """Checkpoint every N optimizer steps for resume (0 = never; a killed run then restarts)."""
     resume: bool = True
     """Resume from the last matching checkpoint when the stage is re-run after an interruption."""
-    freeze_vision: bool = False
-    """Keep the vision tower and merger fixed (train the language model only). The tiny presets need it
-    after ``train base``'s vision phase: language-model gradients erase what the tower learned
-    (benchmarks/PERCEPTION.md §8)."""
+    freeze_vision: bool | None = None
+    """Keep the vision tower and merger fixed (train the language model only). ``null`` = auto: frozen when
+    ``train base`` trained the tower from scratch (tiny presets, smollm2-vl), whose features language-model
+    gradients erase (benchmarks/PERCEPTION.md §8); trainable for a pretrained checkpoint (paper: full FT)."""
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -368,24 +368,47 @@ def plan(n_examples: int, cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     return per_epoch, max(1, total)
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+GROUP_WINDOW = 64
+"""Length grouping sorts within windows of this many global batches (HF's LengthGroupedSampler idea)."""
+
+
+def epoch_order(n: int, seed: int, epoch: int, lengths: list[int] | None = None, batch: int = 1) -> list[int]:
+    """A seeded permutation of ``range(n)`` for one epoch.
+
+    With ``lengths`` (a size class per example), examples of one class share a batch: the shuffled order is
+    cut into windows of ``GROUP_WINDOW * batch`` examples, each window is stably sorted by class and its
+    batches are shuffled again. Padding to the longest sequence of a batch otherwise makes a batch with one
+    policy-in-context example (~430 tokens) cost as much as eight of them (SFT with ``policy_share``)."""
+    rng = random.Random(f"{seed}/epoch/{epoch}")
     order = list(range(n))
-    random.Random(f"{seed}/epoch/{epoch}").shuffle(order)
-    return order
+    rng.shuffle(order)
+    if lengths is None or batch <= 1:
+        return order
+    out: list[int] = []
+    w = GROUP_WINDOW * batch
+    for s in range(0, n, w):
+        win = sorted(order[s:s + w], key=lambda i: lengths[i])
+        batches = [win[k:k + batch] for k in range(0, len(win), batch)]
+        rng.shuffle(batches)
+        out += [i for b in batches for i in b]
+    return out
 
 
-def micro_batch(n: int, seed: int, micro: int, per_epoch: int, batch_size: int, rank: int, world: int) -> list[int]:
+def micro_batch(n: int, seed: int, micro: int, per_epoch: int, batch_size: int, rank: int, world: int,
+                lengths: list[int] | None = None) -> list[int]:
     """Indices of global micro-batch ``micro`` for ``rank``: deterministic, so a resume skips exactly."""
     epoch, j = divmod(micro, per_epoch)
-    order = epoch_order(n, seed, epoch)
+    order = epoch_order(n, seed, epoch, lengths, batch_size * world)
     start = (j * world + rank) * batch_size
     return [order[(start + i) % n] for i in range(batch_size)]  # wrap: every rank gets a full batch
 
 
 def fit(engine: Engine, examples: list, collate: Callable[[list], dict], log: TrainLog, seed: int,
         per_epoch: int, start_step: int = 0, desc: str = "train", on_step: Callable[[int], None] | None = None,
-        client_state: Callable[[], dict] | None = None) -> dict:
-    """Supervised loop shared by CPT and SFT; returns throughput/loss stats of this invocation."""
+        client_state: Callable[[], dict] | None = None, lengths: list[int] | None = None) -> dict:
+    """Supervised loop shared by CPT and SFT; returns throughput/loss stats of this invocation.
+
+    ``lengths`` (a size estimate per example) groups examples of similar length into batches."""
     from tqdm import tqdm
 
     cfg = engine.cfg
@@ -398,7 +421,7 @@ def fit(engine: Engine, examples: list, collate: Callable[[list], dict], log: Tr
                dynamic_ncols=True)
     acc_loss, acc_n = 0.0, 0
     while engine.global_step < engine.total_steps:
-        idx = micro_batch(n, seed, micro, per_epoch, cfg.batch_size, engine.rank, engine.world_size)
+        idx = micro_batch(n, seed, micro, per_epoch, cfg.batch_size, engine.rank, engine.world_size, lengths)
         batch = collate([examples[i] for i in idx])
         # tokens of a text batch; image patches of a vision-only batch (train base's vision phase)
         tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["image_grid_thw"].prod(-1).sum())

@@ -54,6 +54,7 @@ Distributed (same DeepSpeed engine as cpt/sft, ``pipeline/train/engine.py``):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
 import random
@@ -363,6 +364,16 @@ def load_items(data_dirs: list[str], cfg: RLConfig):
     return items, stores, multimodal
 
 
+def response_budget_of(data_dirs: list[str], items: list, tokenizer) -> int:
+    """The rollout budget from the gold CoTs of the data (``cot.jsonl``; RL's own answer-only records
+    have none): long enough that a depth-6 chain is never cut before its ``\\boxed{}``."""
+    from pipeline.data.records import read_records
+    from pipeline.model.prompts import response_budget
+
+    recs = [r for d in data_dirs if (Path(d) / "cot.jsonl").exists() for r in read_records(Path(d) / "cot.jsonl")]
+    return response_budget(tokenizer, recs or [r for _, r in items])
+
+
 def filter_long(items: list, prompts: PromptCache, cfg: RLConfig) -> tuple[list, int]:
     """Drop prompts (with their policy, under PoRo) longer than max_prompt_len; count them."""
     keep = []
@@ -440,7 +451,15 @@ def train_rl(cfg: RLConfig, model_path: str, data_dirs: list[str], policies: str
     if cfg.kl_beta:  # the frozen reference is the starting checkpoint itself
         ref_model, _ = load(model_path, threads=threads)
         ref_model.requires_grad_(False)
+    from pipeline.model import vision_tower
+    from pipeline.model.presets import freeze_vision
+
+    if freeze_vision(cfg.freeze_vision, model_card(model_path)):
+        vision_tower(model).requires_grad_(False)
     items, stores, multimodal = load_items(data_dirs, cfg)
+    if not cfg.max_response_len:
+        cfg = dataclasses.replace(cfg, max_response_len=response_budget_of(data_dirs, items, processor.tokenizer))
+        print(f"rl: max_response_len {cfg.max_response_len} (longest gold response of the data + 25 %)")
     prompts = PromptCache(processor, stores, load_policies(policies), multimodal)
     items, skipped = filter_long(items, prompts, cfg)
     if len(items) < cfg.rollout_batch:

@@ -65,8 +65,11 @@ class RLConfig:
     """Nucleus sampling. Paper: not given (EasyR1 0.99)."""
     max_prompt_len: int = 2048
     """Prompts (the policy-aware one included) longer than this many tokens are skipped and counted."""
-    max_response_len: int = 128
-    """Max new tokens per response (the tiny CoT + boxed answer is ~100 tokens). Paper: not given (EasyR1 2048)."""
+    max_response_len: int = 0
+    """Max new tokens per response; 0 = derived from the data: the longest gold CoT response of the
+    ``--data`` dirs' ``cot.jsonl`` + 25 % (``prompts.response_budget``; depth 2 ~120, depth 6 ~330 on the
+    tiny tokenizer), recorded in metrics.json. A response cut before ``\\boxed{}`` scores 0 accuracy.
+    Paper: not given (EasyR1 2048)."""
 
     rollout_batch: int = 4
     """Prompts per RL step (each gives G or 2G responses). Paper: 384 ClevrPolicy, 256 GTAPolicy."""
@@ -89,6 +92,9 @@ class RLConfig:
     """Peak AdamW learning rate. Paper: 1e-6 (full fine-tune of 7B); the tiny model needs more."""
     weight_decay: float = 0.0
     """AdamW weight decay. Paper: not given (EasyR1 1e-2)."""
+    freeze_vision: bool | None = None
+    """Keep the vision tower and merger fixed (update the language model only); ``null`` = auto, as in CPT
+    and SFT: frozen when ``train base`` trained the tower from scratch (tiny presets), trainable otherwise."""
     grad_clip: float = 1.0
     """Max global gradient norm. Paper: not given (EasyR1 1.0)."""
 
@@ -120,10 +126,13 @@ class RLConfig:
         from pipeline.io import input_error
 
         positive = ("group_size", "rollout_batch", "update_batch", "micro_batch", "generation_batch", "ppo_epochs",
-                    "epochs", "max_response_len", "max_prompt_len")
+                    "epochs", "max_prompt_len")
         for k in positive:
             if getattr(self, k) < 1:
                 raise input_error(where, f"rl.{k}", "an integer >= 1", getattr(self, k))
+        if self.max_response_len < 0:
+            raise input_error(where, "rl.max_response_len", "0 (derived from the data) or a positive token count",
+                              self.max_response_len)
         if self.rollout_batch % self.update_batch:
             raise input_error(where, "rl.update_batch", f"a divisor of rl.rollout_batch ({self.rollout_batch})",
                               self.update_batch)

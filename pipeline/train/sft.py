@@ -55,6 +55,12 @@ class SFTConfig(TrainConfig):
     (Qwen2.5-VL's vision MLP also has gate/up/down_proj)."""
     data_file: str = "cot.jsonl"
     """Records file inside each --data dir."""
+    policy_share: float = 0.0
+    """Fraction of the examples (a fixed, seeded subset) that keep their policy in context, loss still on
+    the response only. 0 = the paper's policy-free CoT SFT. On the random tiny presets a full fine-tune on
+    policy-free prompts erases what VM-CPT taught about reading a policy in context (in-context 46 % ->
+    0 %, format 0 %), which the override suite and PolicyRollout's policy-aware samples need; a share of
+    policy-in-context examples keeps it (measured in README "Measured")."""
 
 
 @dataclass
@@ -141,11 +147,11 @@ def model_card(path: str | os.PathLike) -> dict:
 
 
 def use_lora(mode: str, card: dict) -> bool:
-    from pipeline.model.presets import TINY
+    from pipeline.model.presets import random_language_model
 
     if mode in ("on", "off"):
         return mode == "on"
-    return card.get("preset") not in TINY
+    return not random_language_model(card)
 
 
 def _fingerprint(model_path: str, data_dirs: list[str], file: str, extra: dict) -> dict:
@@ -181,7 +187,9 @@ def run_supervised(stage: str, cfg: TrainConfig, model_path: str, data_dirs: lis
         peft_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                               target_modules=cfg.lora_targets, task_type="CAUSAL_LM")
         model = get_peft_model(model, peft_cfg)
-    if getattr(cfg, "freeze_vision", False):
+    from pipeline.model.presets import freeze_vision
+
+    if freeze_vision(cfg.freeze_vision, model_card(model_path)):
         vision_tower(model).requires_grad_(False)
     model.train()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -193,8 +201,13 @@ def run_supervised(stage: str, cfg: TrainConfig, model_path: str, data_dirs: lis
     eng.load_state()
     start = eng.global_step
     log = TrainLog(ckpt / "train_log.csv", resume_step=start, enabled=eng.is_main)
+    # Batches of one kind only: a policy-in-context example is ~2.5x longer than a policy-free one and
+    # would pad its whole batch. Two buckets, not a length sort: CoT length follows the decision path,
+    # and batches sorted by it would each hold one or two cases.
+    kinds = [int(with_policy and e.policy is not None) for e in examples]
+    lengths = kinds if len(set(kinds)) > 1 else None
     stats = fit(eng, examples, collate_fn(proc, labels, with_policy), log, seed, per_epoch, start_step=start,
-                desc=stage, on_step=on_step)
+                desc=stage, on_step=on_step, lengths=lengths)
     sd = eng.full_state_dict()
     losses = [float(r["loss"]) for r in log.rows]
     metrics = {"stage": stage, "examples": len(examples), "steps": eng.global_step, "epochs": cfg.epochs,
@@ -259,7 +272,7 @@ def publish(out: str, metrics: str | None, log: str | None) -> None:
 
 
 def configure_train(parser) -> None:
-    add_common_args(parser)
+    add_common_args(parser, policies=True)
     parser.add_argument("--direct", action="store_true", help="answer-only baseline on train.jsonl (section direct_sft)")
 
 
@@ -270,20 +283,35 @@ def run_train(args) -> int:
     cls, section = (DirectSFTConfig, "direct_sft") if args.direct else (SFTConfig, "sft")
     cfg = load_section(cls, section, args.params, args.overrides)
     train_sft(cfg, args.model, args.data, args.out, direct=args.direct, seed=base.seed,
-              threads=base.threads, ckpt_dir=args.ckpt_dir)
+              threads=base.threads, ckpt_dir=args.ckpt_dir, policies=args.policies)
     publish(args.out, args.metrics, args.log)
     return 0
 
 
 def train_sft(cfg: SFTConfig, model: str, data: list[str], out: str, direct: bool = False, seed: int = 0,
-              threads: int = 1, ckpt_dir: str | None = None, on_step=None) -> dict:
+              threads: int = 1, ckpt_dir: str | None = None, on_step=None, policies: str = "policies") -> dict:
     """Library entry point of the stage (the CLI and the tests call this)."""
     from pipeline.model import load  # noqa: F401 - fail early on a bad --model
 
     if not (Path(model) / "config.json").exists():
         raise input_error(model, "--model", "a checkpoint dir with config.json (e.g. models/cpt)")
-    examples = load_examples(data, cfg.data_file, direct=direct)
+    if not 0.0 <= cfg.policy_share <= 1.0:
+        raise input_error("params.yaml", f"{'direct_sft' if direct else 'sft'}.policy_share", "a fraction in [0, 1]",
+                          cfg.policy_share)
+    examples = load_examples(data, cfg.data_file, direct=direct,
+                             policies_root=policies if cfg.policy_share > 0 else None)
+    keep_policy(examples, cfg.policy_share, seed)
     lora = use_lora(cfg.lora, model_card(model))
     return run_supervised("direct_sft" if direct else "sft", cfg, model, data, out, examples, "response",
-                          with_policy=False, lora=lora, seed=seed, threads=threads, ckpt_dir=ckpt_dir,
-                          file=cfg.data_file, on_step=on_step)
+                          with_policy=cfg.policy_share > 0, lora=lora, seed=seed, threads=threads,
+                          ckpt_dir=ckpt_dir, file=cfg.data_file, on_step=on_step)
+
+
+def keep_policy(examples: list[Example], share: float, seed: int) -> None:
+    """Drop the policy from all but a seeded ``share`` of ``examples`` (in place)."""
+    import random
+
+    keep = set(random.Random(f"{seed}/policy_share").sample(range(len(examples)), round(share * len(examples))))
+    for i, e in enumerate(examples):
+        if i not in keep:
+            e.policy = None
