@@ -157,6 +157,12 @@ def summary_markdown(root: Path, status: str, chk: ChangeCheck, stages: list[dic
 # ----------------------------------------------------------------------------- the flow
 
 
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.name or flow_run.id or "")
+
+
 @flow(name="reinternalize", log_prints=True)
 def reinternalize(workspace: str = ".", params: str = "params.yaml", force: bool = False,
                   stages: list[str] | None = None, remote: str | None = None,
@@ -173,7 +179,11 @@ def reinternalize(workspace: str = ".", params: str = "params.yaml", force: bool
     params_file = str(root / params)
     cfg = load_section(OrchestrateConfig, "orchestrate", params_file, overrides)
     summary_path = root / cfg.summary
-    with WorkspaceLock(root, timeout=cfg.lock_wait_s, command="reinternalize flow"):
+    # `trimpi run` already holds the lock (re-entrant: no wait here, it applied lock_wait_s itself);
+    # a run Prefect started waits its turn, and checks the policies only once it has the lock, so
+    # a run queued behind one that promoted the same policies ends as "skipped".
+    with WorkspaceLock(root, timeout=cfg.deployment_lock_wait_s, command=f"reinternalize flow run {_run_name()}",
+                       on_wait=log.warning):
         chk = policy_change_check(str(root), params_file, cfg.watch_params)
         if not chk.changed and not force:
             md = summary_markdown(root, "skipped", chk, [], ["Nothing to do: the production model already "

@@ -70,7 +70,11 @@ class OrchestrateConfig:
                                                         "generate_generic"])
     """params.yaml sections (or ``section.key``) that, with ``policies/``, decide "did the policies change"."""
     lock_wait_s: float = 0.0
-    """How long a second run in the same workspace waits for the first; 0 = refuse at once."""
+    """How long a second ``trimpi run`` in the same workspace waits for the first; 0 = refuse at once."""
+    deployment_lock_wait_s: float = 86400.0
+    """How long a run started by Prefect (a schedule, a worker, ``prefect deployment run``) waits for
+    the workspace lock while another run holds it, before failing. Overlapping scheduled runs queue
+    behind each other instead of failing; the later one re-checks the policies once it has the lock."""
     summary: str = "reports/reinternalize.md"
     """Where the run's final markdown summary is written (also a Prefect artifact)."""
 
