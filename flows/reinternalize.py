@@ -218,6 +218,13 @@ def notify_config(params_file: str) -> NotifyConfig:
     unknown = [e for e in ncfg.events if e not in EVENTS]
     if unknown:
         raise input_error(params_file, "notify.events", "events among " + ", ".join(EVENTS), unknown[0])
+    for i, url in enumerate(ncfg.webhooks):
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise input_error(params_file, f"notify.webhooks[{i}]", "an http(s) URL", url)
+    for i, slug in enumerate(ncfg.blocks):
+        if not isinstance(slug, str) or slug.count("/") != 1:
+            raise input_error(params_file, f"notify.blocks[{i}]", "a saved block as <block-type-slug>/<name>, "
+                              "e.g. slack-webhook/trimpi-alerts", slug)
     return ncfg
 
 

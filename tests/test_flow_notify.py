@@ -173,3 +173,21 @@ def test_promotion_refused_gate_and_failed_stage_are_announced_and_the_summary_s
     # the verdict on file is from run 2: the summary must not present it as this run's
     assert "## Gate: not run this time (the verdict on file, from an earlier run: FAILED)" in \
         (root / "reports" / "reinternalize.md").read_text()
+
+
+def test_notify_config_errors_name_the_field(tmp_path):
+    from flows.notify import redact
+    from flows.reinternalize import notify_config
+    from pipeline.io import InputError
+
+    p = tmp_path / "params.yaml"
+    for text, msg in [("notify: {events: [gate_failed]}", "notify.events: expected events among gate_refused"),
+                      ("notify: {webhooks: [hooks.internal/x]}", "notify.webhooks[0]: expected an http(s) URL"),
+                      ("notify: {blocks: [trimpi-alerts]}", "notify.blocks[0]: expected a saved block as "
+                                                             "<block-type-slug>/<name>")]:
+        p.write_text(text + "\n")
+        with pytest.raises(InputError, match=msg.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+            notify_config(str(p))
+    p.write_text("base: {seed: 0}\n")
+    assert notify_config(str(p)).events == ["gate_refused", "stage_failed", "promoted"]  # no section: defaults
+    assert redact("s3://user:pa55word@host/x password: hunter22 ok") == "s3://***@host/x password: *** ok"
