@@ -349,6 +349,7 @@ def run_serve(args) -> int:
     _sigterm_as_interrupt()
     dep = load_deployment(root / "prefect.yaml", args.deployment)
     schedules_of(dep, root / "prefect.yaml")  # a bad prefect.yaml fails here, before any server starts
+    concurrency_of(dep, root / "prefect.yaml")
     child = None
     if not use_running_server(root):
         log = Path(os.environ["PREFECT_HOME"]) / "server.log"
@@ -363,12 +364,13 @@ def run_serve(args) -> int:
         deployment, dropped = prepare_serve(root, dep, args.cron)
         full_name = f"{deployment.flow_name}/{deployment.name}"
         ui = os.environ["PREFECT_API_URL"].rstrip("/").removesuffix("/api")
-        limit = deployment.concurrency_limit
+        opts = deployment.concurrency_options
+        strategy = getattr(getattr(opts, "collision_strategy", None), "value", getattr(opts, "collision_strategy", ""))
         print(f"trimpi serve: deployment {dep['name']!r} with {len(deployment.schedules)} schedule(s) "
-              f"({', '.join(s.slug for s in deployment.schedules)}; concurrency limit {limit or 'none'}"
-              + (f", {deployment.concurrency_options.collision_strategy.value}" if deployment.concurrency_options
-                 else "") + (f"; removed schedule(s) {', '.join(dropped)}" if dropped else "")
-              + f"); UI at {ui} - Ctrl-C to stop", flush=True)
+              f"({', '.join(s.slug for s in deployment.schedules)}); concurrency limit "
+              f"{deployment.concurrency_limit or 'none'}{f' ({strategy})' if strategy else ''}"
+              + (f"; removed stale schedule(s) {', '.join(dropped)}" if dropped else "")
+              + f"; UI at {ui} - Ctrl-C to stop", flush=True)
         serve(deployment)
     finally:
         if args.cron and full_name:
