@@ -31,6 +31,8 @@ class ChangeCheck:
     current: dict = field(default_factory=dict)
     production: dict | None = None
     """The incumbent: ``{"version", "card", "metrics"}`` or None when there is no production model."""
+    policies_changed: bool = False
+    """True when the policies themselves differ from production's (not only data params, not a first run)."""
 
 
 def _dotted(params: dict, key: str):
@@ -99,10 +101,58 @@ def check(root: str | os.PathLike, params: dict, params_file: str | os.PathLike,
         why = ("the production card records no policies" if trained["policies"] is None else
                f"policies changed since production {prod['version']} "
                f"({trained['policies']} -> {current['policies']})")
-        return ChangeCheck(True, why, current, prod)
+        return ChangeCheck(True, why, current, prod, policies_changed=True)
     if trained["params_hash"] != current["params_hash"]:
         diff = [k for k in watch if trained["params"].get(k) != current["params"].get(k)]
         return ChangeCheck(True, f"data params changed since production {prod['version']}: {', '.join(diff)}",
                            current, prod)
     return ChangeCheck(False, f"policies unchanged since production {prod['version']} "
                               f"(policies {current['policies']}, data params {current['params_hash']})", current, prod)
+
+
+def production_policies(prod: dict, root: str | os.PathLike) -> tuple[dict, list[str]]:
+    """(the production model's policies by name, names whose text could not be recovered).
+
+    Cards written since ``pipeline/registry.py: build_card`` keeps each policy's normalized spec
+    are self-contained. For older cards the file is read from git at the card's revision; a
+    text whose version does not match the card's (a dirty tree at promotion) is not trusted.
+    """
+    from pipeline.io import InputError
+    from pipeline.policy import policy_from_spec
+
+    card = prod.get("card") or {}
+    rev = (card.get("git") or {}).get("revision")
+    out, missing = {}, []
+    for p in card.get("policies") or []:
+        if not isinstance(p, dict) or not p.get("name"):
+            continue
+        pol = None
+        try:
+            if isinstance(p.get("spec"), dict):
+                pol = policy_from_spec(p["spec"], f"registry card {prod.get('version')}: policy {p['name']}")
+            if (pol is None or pol.version != p.get("version")) and rev and rev != "unknown" and p.get("path"):
+                pol = _policy_at_rev(root, rev, p["path"])
+        except InputError:
+            pol = None
+        if pol is not None and pol.version == p.get("version"):
+            out[pol.name] = pol
+        else:
+            missing.append(p["name"])
+    return out, missing
+
+
+def _policy_at_rev(root: str | os.PathLike, rev: str, path: str):
+    import subprocess
+
+    import yaml
+
+    from pipeline.policy import policy_from_spec
+
+    rel = os.path.relpath(path, root) if os.path.isabs(path) else path
+    r = subprocess.run(["git", "show", f"{rev}:{rel}"], cwd=root, capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        return None
+    try:
+        return policy_from_spec(yaml.safe_load(r.stdout), f"{rev}:{rel}")
+    except yaml.YAMLError:
+        return None

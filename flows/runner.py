@@ -70,7 +70,13 @@ class OrchestrateConfig:
                                                         "generate_generic"])
     """params.yaml sections (or ``section.key``) that, with ``policies/``, decide "did the policies change"."""
     lock_wait_s: float = 0.0
-    """How long a second run in the same workspace waits for the first; 0 = refuse at once."""
+    """How long a second ``trimpi run`` in the same workspace waits for the first; 0 = refuse at once."""
+    deployment_lock_wait_s: float = 86400.0
+    """How long a run started by Prefect (a schedule, a worker, ``prefect deployment run``) waits for
+    the workspace lock while another run holds it, before failing. Overlapping scheduled runs queue
+    behind each other instead of failing; the later one re-checks the policies once it has the lock."""
+    diff_data: list = field(default_factory=lambda: ["data/clevr", "data/gta"])
+    """Dataset dirs on which the summary counts label flips when the policies changed (missing ones are skipped)."""
     summary: str = "reports/reinternalize.md"
     """Where the run's final markdown summary is written (also a Prefect artifact)."""
 
@@ -192,6 +198,20 @@ def stage_files(root: str | os.PathLike, stage: str) -> dict[str, list[str]]:
                         "plots": [o.def_path for o in s.outs if o.plot],
                         "outs": [o.def_path for o in s.outs if not (o.metric or o.plot)]}
     return {"metrics": [], "plots": [], "outs": []}
+
+
+def declared_by(root: str | os.PathLike) -> dict[str, str]:
+    """Every path a stage declares as out/metric/plot -> that stage (one DVC index read for all stages).
+
+    The flow finds "the gate" and "the promotion" by the files they declare (``metrics/gate.json``,
+    ``metrics/promote.json``), never by stage name.
+    """
+    from dvc.repo import Repo
+
+    if not (Path(root) / "dvc.yaml").exists():
+        return {}
+    with Repo(str(root)) as repo:
+        return {o.def_path: _address(repo, s) for s in repo.index.stages for o in s.outs}
 
 
 def stage_metrics(root: str | os.PathLike, stage: str) -> dict[str, dict]:

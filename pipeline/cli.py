@@ -22,6 +22,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("policy", "render"): ("pipeline.policy.cli:render", "print the exact in-context text of a policy"),
     ("policy", "list"): ("pipeline.policy.cli:list", "list policies with their versions (content hashes)"),
     ("policy", "resolve"): ("pipeline.policy.cli:resolve", "GTAPolicy: which versioned tool a profile must call"),
+    ("policy", "diff"): ("pipeline.policy.diff:diff", "what changed between two policy revisions, and which labels flip"),
     ("generate", "clevr"): ("pipeline.data.clevr_policy:generate", "build the ClevrPolicy datasets"),
     ("generate", "gta"): ("pipeline.data.gta_policy:generate", "build the GTAPolicy datasets"),
     ("generate", "generic"): ("pipeline.data.generic_qa:generate", "build policy-free perception/text QA data"),

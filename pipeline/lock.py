@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 LOCK_NAME = ".trimpi/run.lock"
 
@@ -60,14 +61,17 @@ class WorkspaceLock:
     """Exclusive, re-entrant lock on a workspace; use as a context manager.
 
     ``timeout`` is how long to wait for a busy lock: 0 refuses at once, ``None`` waits forever.
+    ``on_wait`` is called once, with a sentence naming the holder, when the lock is busy and
+    this call is going to wait (so a queued run says in its log what it is waiting for).
     """
 
     def __init__(self, workspace: str | os.PathLike = ".", timeout: float | None = 0.0,
-                 poll: float = 0.5, command: str | None = None):
+                 poll: float = 0.5, command: str | None = None, on_wait: Callable[[str], None] | None = None):
         self.path = lock_path(workspace)
         self.timeout = timeout
         self.poll = poll
         self.command = command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+        self.on_wait = on_wait
 
     def acquire(self) -> "WorkspaceLock":
         key = str(self.path)
@@ -78,12 +82,18 @@ class WorkspaceLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+", encoding="utf-8")
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        told = False
         try:
             while True:
                 try:
                     fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
+                    if not told and self.on_wait is not None and (deadline is None or time.monotonic() < deadline):
+                        told = True
+                        limit = "as long as it takes" if self.timeout is None else f"up to {self.timeout:g} s"
+                        self.on_wait(f"waiting ({limit}) for the workspace lock {self.path}: in use by "
+                                     f"{_describe(read_holder(self.path))}")
                     if deadline is not None and time.monotonic() >= deadline:
                         waited = f" after waiting {self.timeout:g} s" if self.timeout else ""
                         raise LockBusy(

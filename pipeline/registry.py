@@ -387,7 +387,9 @@ def build_card(params_path: str, policies_dir: str | None, data_dirs: list[str],
     if policies_dir and Path(policies_dir).exists():
         from pipeline.policy import load_policies
 
-        policies = [{"name": n, "version": p.version, "path": str(p.path)}
+        # the normalized spec too, so a later run can say what changed since this model
+        # (`trimpi policy diff`, the flow's summary) without the git history of the checkout
+        policies = [{"name": n, "version": p.version, "path": str(p.path), "spec": p.spec}
                     for n, p in sorted(load_policies(policies_dir).items())]
     data = {}
     for d in data_dirs:

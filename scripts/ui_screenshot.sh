@@ -13,6 +13,7 @@ set -euo pipefail
 URL="${1:-http://127.0.0.1:4200/runs}"
 OUT="${2:-reports/prefect-ui.png}"
 BUDGET_MS="${UI_SCREENSHOT_BUDGET_MS:-20000}"
+SIZE="${UI_SCREENSHOT_SIZE:-1440,900}"   # width,height of the window (a long artifact page needs more height)
 
 browser="$(command -v chromium || command -v chromium-browser || true)"
 if [ -z "$browser" ]; then
@@ -23,7 +24,7 @@ if [ -z "$browser" ]; then
   browser="$(command -v chromium)"
 fi
 
-api="${URL%%/runs*}"; api="${api%/}/api/health"
+api="$(python3 -c 'import sys,urllib.parse as u; p=u.urlsplit(sys.argv[1]); print(f"{p.scheme}://{p.netloc}/api/health")' "$URL")"
 if ! curl -fsS --max-time 5 "$api" >/dev/null 2>&1 && \
    ! python3 -c "import sys,urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" "$api" 2>/dev/null; then
   echo "ui_screenshot: no Prefect server answering at $api (start it with: trimpi ui)" >&2
@@ -35,7 +36,7 @@ profile="$(mktemp -d)"
 trap 'rm -rf "$profile"' EXIT
 "$browser" --headless=new --no-sandbox --disable-gpu --disable-dev-shm-usage --hide-scrollbars \
   --no-first-run --no-default-browser-check --user-data-dir="$profile" \
-  --window-size=1440,900 --virtual-time-budget="$BUDGET_MS" --screenshot="$OUT" "$URL" >/dev/null 2>&1 || true
+  --window-size="$SIZE" --virtual-time-budget="$BUDGET_MS" --screenshot="$OUT" "$URL" >/dev/null 2>&1 || true
 if [ ! -s "$OUT" ]; then
   echo "ui_screenshot: chromium produced no screenshot at $OUT" >&2
   exit 1

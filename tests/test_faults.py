@@ -585,11 +585,15 @@ def test_second_trimpi_run_refuses_without_touching_the_workspace(held_workspace
 
 @pytest.mark.slow
 def test_flow_started_beside_a_running_one_fails_before_any_stage(held_workspace, prefect_home):
-    """A served deployment has no outer `trimpi run`: the flow itself must take the lock."""
+    """A served deployment has no outer `trimpi run`: the flow itself must take the lock.
+
+    With ``deployment_lock_wait_s: 0`` it refuses at once; the default queues instead
+    (tests/test_flow_overlap.py)."""
     from flows.reinternalize import reinternalize
     from pipeline.lock import LockBusy
 
     ws, holder = held_workspace
+    (ws / "params.yaml").write_text("orchestrate: {lock_wait_s: 0, deployment_lock_wait_s: 0, pull: false, push: false}\n")
     before = snapshot(ws, skip=(".trimpi/",))
     state = reinternalize(workspace=str(ws), force=True, return_state=True)
     assert state.is_failed()

@@ -124,3 +124,34 @@ def test_a_failed_stage_blocks_only_its_dependents():
     assert downstream(graph, "gate") == {"promote"}
     assert downstream(graph, "validate") == {"train", "evaluate", "gate", "promote", "report"}
     assert downstream(graph, "promote") == set()
+
+
+def test_production_policies_come_from_the_card_or_from_git_at_its_revision(dvc_repo):
+    """The flow's policy diff needs production's policy texts: new cards keep them, old ones point at git."""
+    import os
+    import subprocess
+
+    from pipeline.policy import load_policies
+
+    root = dvc_repo("stages: {}\n", PARAMS)
+    genv = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@t"}
+    subprocess.run(["git", "add", "policies"], cwd=root, check=True, env=genv)
+    subprocess.run(["git", "commit", "-qm", "p"], cwd=root, check=True, env=genv)
+    rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    (pol,) = load_policies(root / "policies").values()
+    entry = {"name": pol.name, "version": pol.version, "path": "policies/clevr/L1-Tistu.yaml"}
+    pol_file = root / "policies" / "clevr" / "L1-Tistu.yaml"
+    pol_file.write_text(pol_file.read_text().replace("value: cube", "value: sphere"))  # the working tree moved on
+
+    def recovered(card):
+        got, missing = change.production_policies({"version": "v1", "card": card}, root)
+        return {n: p.version for n, p in got.items()}, missing
+
+    with_spec = {"policies": [{**entry, "spec": pol.spec}], "git": {"revision": "unknown"}}
+    assert recovered(with_spec) == ({pol.name: pol.version}, [])
+    old_card = {"policies": [entry], "git": {"revision": rev}}  # promoted before cards kept the spec
+    assert recovered(old_card) == ({pol.name: pol.version}, [])
+    assert recovered({"policies": [entry], "git": {"revision": "unknown"}}) == ({}, [pol.name])
+    tampered = {"policies": [{**entry, "version": "not-this-one"}], "git": {"revision": rev}}
+    assert recovered(tampered) == ({}, [pol.name])  # a text that does not hash to the card's version is not used

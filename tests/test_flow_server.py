@@ -66,6 +66,9 @@ def test_served_deployment_runs_on_a_real_server_and_shows_in_the_ui(dvc_repo, t
         scheds = {s["schedule"]["cron"]: s["parameters"] for s in dep["schedules"]}
         assert scheds == {"0 2 * * *": {"force": False}, "0 4 * * 0": {"force": True}}
         assert dep["parameters"]["workspace"] == str(root)
+        # issue 15: prefect.yaml's concurrency_limit reaches the server ("Concurrency Limit None" before)
+        assert dep["global_concurrency_limit"]["limit"] == 1
+        assert dep["concurrency_options"]["collision_strategy"] == "ENQUEUE"
 
         # trigger it as cron would (the scheduler only fires on minute boundaries)
         run = subprocess.run([str(BIN / "prefect"), "deployment", "run", "reinternalize/reinternalize-nightly",
@@ -81,6 +84,32 @@ def test_served_deployment_runs_on_a_real_server_and_shows_in_the_ui(dvc_repo, t
         for stage in ("generate", "validate", "train", "evaluate", "promote"):
             assert names.get(stage) == "COMPLETED", names
         assert (root / "registry" / "tst" / "aliases" / "production.json").exists()
+
+        # issue 15: `trimpi serve --cron` once the deployment exists (was HTTP 422: a schedule without
+        # a slug); its schedule replaces prefect.yaml's while it runs and is gone after it stops
+        def slugs():
+            return {s["slug"]: s["schedule"]["cron"] for s in _api(api, "/deployments/filter")[0]["schedules"]}
+
+        stop_server(procs.pop())
+        logs["cron"] = open(tmp_path / "cron.log", "wb")
+        procs.append(subprocess.Popen([str(BIN / "trimpi"), "serve", "--workspace", str(root), "--cron",
+                                       "*/5 * * * *"], env=env, stdout=logs["cron"], stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+        _wait(lambda: slugs() == {"cli-cron": "*/5 * * * *"}, 120,
+              "the --cron schedule: " + (tmp_path / "cron.log").read_text(errors="replace")[-2000:])
+        stop_server(procs.pop())
+        assert slugs() == {}
+        assert "422" not in (tmp_path / "cron.log").read_text(errors="replace")
+
+        # issue 15: `trimpi run` in the workspace records on the `trimpi ui --port N` server by itself
+        env_run = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+        manual = {"flow_runs": {"deployment_id": {"is_null_": True}}}  # not the scheduler's pre-created runs
+        before = len(_api(api, "/flow_runs/filter", manual))
+        r = subprocess.run([str(BIN / "trimpi"), "run", "--workspace", str(root)], env=env_run, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert f"prefect: {api}" in r.stdout and "reinternalize: skipped" in r.stdout
+        assert len(_api(api, "/flow_runs/filter", manual)) == before + 1
 
         if not (shutil.which("chromium") or shutil.which("apt-get")):
             pytest.skip("no chromium and no apt-get to install it: UI screenshot not taken")

@@ -44,9 +44,17 @@ KINDS = ("clevr", "gta")
 def load_policy(path: str | os.PathLike):
     """Load and validate one policy file; raises InputError naming the file and node."""
     path = Path(path)
-    spec = load_yaml(path)
+    return policy_from_spec(load_yaml(path), path)
+
+
+def policy_from_spec(spec: Any, path: str | os.PathLike | None = None):
+    """Validate a parsed spec of any kind (``path`` only names it in errors, e.g. ``HEAD:policies/x.yaml``).
+
+    Every kind's ``.spec`` is its normalized spec, and ``policy_from_spec(p.spec)`` has ``p``'s version.
+    """
+    where = path or "<spec>"
     if not isinstance(spec, dict):
-        raise input_error(path, None, "a mapping with 'kind' and 'name'", type(spec).__name__)
+        raise input_error(where, None, "a mapping with 'kind' and 'name'", type(spec).__name__)
     kind = spec.get("kind")
     if kind == "clevr":
         from pipeline.policy.clevr import ClevrPolicy
@@ -56,7 +64,7 @@ def load_policy(path: str | os.PathLike):
         from pipeline.policy.gta import GTAPolicy
 
         return GTAPolicy.from_spec(spec, path)
-    raise input_error(path, "kind", "one of " + ", ".join(KINDS), kind)
+    raise input_error(where, "kind", "one of " + ", ".join(KINDS), kind)
 
 
 def policy_files(root: str | os.PathLike = "policies", kind: str | None = None) -> list[Path]:

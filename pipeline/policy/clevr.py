@@ -177,6 +177,11 @@ class ClevrPolicy:
         _check_structure(nodes, index, depth, where)
         return cls(name, depth, nodes, path)
 
+    @property
+    def spec(self) -> dict:
+        """The normalized spec (as ``GTAPolicy.spec``): what the version hashes and a registry card keeps."""
+        return self.to_spec()
+
     def to_spec(self) -> dict:
         """The normalized spec: conditions in depth-first order from the root (what the version hashes)."""
         out = []
