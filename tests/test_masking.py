@@ -98,3 +98,24 @@ def test_policy_free_tokens_are_the_policy_aware_tokens_minus_a_contiguous_span(
     k = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
     assert a[:k] == b[:k] and a[len(a) - (len(b) - k):] == b[k:]
     assert torch.tensor(a).shape[0] > len(b)
+
+
+def test_trimmed_logits_give_exactly_the_full_loss():
+    """Engine.forward computes the LM head only from one position before the first label: same loss."""
+    from pipeline.model.presets import build_tiny
+    from pipeline.train.engine import keep_labelled_logits
+
+    torch.manual_seed(0)
+    model, proc = build_tiny("tiny-xs", seed=0)
+    rec, policy, img = _example()
+    convs = [build_messages(rec, [img], policy, format_response(rec.cot, rec.answer)),
+             build_messages(rec, [img], None, format_response("", rec.answer))]
+    b = encode(proc, convs, labels="response")
+    kept = keep_labelled_logits(b["labels"])
+    assert 0 < kept["logits_to_keep"] < b["input_ids"].shape[1]  # the short answer-only row sets no bound
+    full = model(**b).loss
+    trimmed = model(**{**b, **kept})
+    assert trimmed.logits.shape[1] == kept["logits_to_keep"]
+    torch.testing.assert_close(trimmed.loss, full, rtol=1e-6, atol=1e-6)
+    cpt = encode(proc, convs, labels="all_but_visual")
+    assert keep_labelled_logits(cpt["labels"]) == {}  # labels from the first token: nothing to trim
