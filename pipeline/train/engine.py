@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from pipeline.io import atomic_write_json, input_error, stable_hash
+from pipeline.io import atomic_write_json, disk_writes, input_error, stable_hash
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "infra" / "deepspeed"
 
@@ -265,7 +265,15 @@ class Engine:
             # next run discard a complete checkpoint as "from a different run".
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.ckpt_dir / "fingerprint.json", {"fingerprint": self.fingerprint})
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state)
+        try:
+            with disk_writes(self.ckpt_dir / tag):
+                self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state)
+        except OSError:
+            # DeepSpeed commits 'latest' only after the tag is whole, so the previous checkpoint
+            # still resumes; the partial tag only takes the space a retry needs.
+            if self.is_main:
+                shutil.rmtree(self.ckpt_dir / tag, ignore_errors=True)
+            raise
         if self.is_main:
             for old in self.ckpt_dir.glob("step-*"):  # DS writes 'latest' after the tag: older tags can go
                 if old.name != tag and old.is_dir():

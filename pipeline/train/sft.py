@@ -220,7 +220,10 @@ def run_supervised(stage: str, cfg: TrainConfig, model_path: str, data_dirs: lis
         card.update(stages=card.get("stages", []) + [stage], parent=str(model_path))
         with atomic_dir(out) as tmp:
             if lora:
-                export.save_pretrained(str(tmp / "adapter"))  # the adapter alone, for inspection
+                from pipeline.io import disk_writes
+
+                with disk_writes(tmp / "adapter"):
+                    export.save_pretrained(str(tmp / "adapter"))  # the adapter alone, for inspection
                 export = export.merge_and_unload()
             save(export, proc, tmp)
             log.copy_to(tmp / "train_log.csv")
