@@ -109,12 +109,9 @@ def stage_graph(root: str | os.PathLike = ".") -> tuple[list[str], dict[str, set
     dvc_yaml = root / "dvc.yaml"
     if not dvc_yaml.exists():
         return [], {}
-    import yaml
+    from pipeline.io import load_yaml
 
-    try:
-        raw = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise input_error(dvc_yaml, "document", "valid YAML", str(e).splitlines()[0]) from None
+    raw = load_yaml(dvc_yaml) or {}
     if not isinstance(raw, dict) or not raw.get("stages"):  # `stages:` with nothing under it yet: DVC would refuse the file
         return [], {}
     with Repo(str(root)) as repo:

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.evaluate.metrics import flatten, get_dotted
-from pipeline.io import atomic_write_json, dump_yaml, input_error, read_json
+from pipeline.io import atomic_write_json, dump_yaml, input_error, parse_json, read_json
 from pipeline.storage import NotFound, Storage, open_storage
 
 VERSION_RE = re.compile(r"^v(\d+)$")
@@ -124,7 +124,8 @@ class Registry:
         return [v for v in self._version_dirs() if include_incomplete or self.is_complete(v)]
 
     def _read_json(self, *parts: str) -> Any:
-        return json.loads(self.s.get_bytes(self._k(*parts)))
+        key = self._k(*parts)
+        return parse_json(self.s.get_bytes(key), self.s.where(key))
 
     def alias(self, name: str = "production") -> dict | None:
         try:
@@ -158,7 +159,7 @@ class Registry:
         return self._read_json(self.resolve(ref), "COMPLETE.json")
 
     def log(self) -> list[dict]:
-        return [json.loads(self.s.get_bytes(k)) for k in self.s.list(self._k("log"))]
+        return [parse_json(self.s.get_bytes(k), self.s.where(k)) for k in self.s.list(self._k("log"))]
 
     def fetch(self, ref: str, dest: str | os.PathLike) -> Path:
         """Download a version's model files into ``dest`` (atomically) and verify every sha256."""

@@ -228,3 +228,233 @@ def test_permission_denied_on_a_read_says_read(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda p, mode: mode != os.R_OK)  # root reads everything: pretend
     line = os_error_line(PermissionError(errno.EACCES, "Permission denied", str(f)))
     assert line == f"cannot read {f}: Permission denied"
+
+
+# ----------------------------------------------------------------------------- 5. damaged shards, bad bytes
+
+
+@pytest.fixture(scope="module")
+def small_clevr(tmp_path_factory):
+    """A small ClevrPolicy dataset (copied by the tests that damage it)."""
+    root = tmp_path_factory.mktemp("hclevr")
+    assert main(["generate", "clevr", "--policies", str(REPO / "policies/clevr"), "--out", str(root / "data"),
+                 "--params", str(REPO / "params.yaml"), "--set", "train_per_policy=4", "--set", "cot_per_policy=2",
+                 "--set", "test_per_policy=2", "--set", "override_per_policy=2", "--set", "override_count=1",
+                 "--set", "image_size=32"]) == 0
+    return root / "data"
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _flip_byte_in_member(shard: Path) -> str:
+    """Flip one byte inside the first member's data (the zip directory stays valid)."""
+    import zipfile
+
+    with zipfile.ZipFile(shard) as z:
+        info = z.infolist()[0]
+    data = bytearray(shard.read_bytes())
+    at = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 40
+    data[at] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return info.filename
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "cut shard"])
+def test_validate_reports_a_damaged_shard_instead_of_crashing(damage, small_clevr, tmp_path, capsys):
+    data = _copy(small_clevr, tmp_path / "data")
+    shard = data / "images" / "shard-00000.zip"
+    if damage == "flipped byte":
+        member = _flip_byte_in_member(shard)
+    else:
+        shard.write_bytes(shard.read_bytes()[:200])
+        member = None
+    report = tmp_path / "validate.json"
+    capsys.readouterr()
+    rc = main(["validate", "--task", "clevr", "--data", str(data), "--policies", str(REPO / "policies/clevr"),
+               "--report", str(report), "--params", str(REPO / "params.yaml")])
+    assert rc == 1, capsys.readouterr()
+    rep = json.loads(report.read_text())
+    bad = next(c for c in rep["checks"] if c["name"] == "images exist and decode")
+    assert not bad["success"] and bad["failing_rows"]
+    text = json.dumps(bad["failing_rows"])
+    assert "shard-00000.zip" in text and ("Bad CRC-32" in text if member else "intact zip shard" in text)
+    if member:
+        assert member in text
+
+    from pipeline.data.records import ImageStore
+
+    ref = json.loads((data / "train.jsonl").read_text().splitlines()[0])["images"][0]
+    with pytest.raises(InputError, match=r"shard-00000\.zip.*expected an intact"):   # what trainers call
+        for line in (data / "train.jsonl").read_text().splitlines():
+            for r in json.loads(line)["images"]:
+                ImageStore(data).open(r)
+    assert ref
+
+
+def test_trainer_names_a_non_utf8_line(small_clevr, tmp_path, capsys):
+    data = _copy(small_clevr, tmp_path / "data")
+    lines = (data / "cot.jsonl").read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1].replace(b"Case", b"Ca\xffse", 1)
+    (data / "cot.jsonl").write_bytes(b"".join(lines))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    capsys.readouterr()
+    assert main(["train", "sft", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "out"),
+                 "--params", str(REPO / "params.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {data / 'cot.jsonl'}: line 2: expected UTF-8 text") and "Traceback" not in err
+    from validation.expectations import read_lenient
+
+    _, bad = read_lenient(data / "cot.jsonl")
+    assert [b["line"] for b in bad] == [2]
+
+
+def test_empty_training_file_is_named(small_clevr, tmp_path, capsys):
+    """Issue item 15: an empty training file was reported as `<input>: data: ...`."""
+    data = _copy(small_clevr, tmp_path / "data")
+    (data / "cot.jsonl").write_text("")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    capsys.readouterr()
+    assert main(["train", "sft", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "out"),
+                 "--params", str(REPO / "params.yaml")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {data / 'cot.jsonl'}: expected at least one training record")
+    from pipeline.train.engine import TrainConfig, plan
+
+    with pytest.raises(InputError, match=r"^data/x\.jsonl: expected at least one training record"):
+        plan(0, TrainConfig(), 1, source="data/x.jsonl")
+
+
+# ----------------------------------------------------------------------------- 6. non-finite numbers
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_non_finite_profile_values_are_refused(value, capsys):
+    assert main(["policy", "resolve", "--policy", str(REPO / "policies/gta"), "--tool", "OCR",
+                 "--profile", f'{{"account_type":"B","credits":{value},"age":30}}']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --profile: expected finite numbers only") and "Traceback" not in err
+
+
+def test_non_finite_values_from_python_and_yaml_are_refused(tmp_path):
+    from pipeline.io import read_jsonl
+    from pipeline.policy import load_policy
+    from pipeline.policy.gta import load_gta_policy
+
+    pol = load_gta_policy(REPO / "policies/gta")
+    for field in ("age", "credits"):
+        profile = {"account_type": "B", "credits": 600, "age": 30, field: float("nan")}
+        with pytest.raises(InputError, match=rf"profile\.{field}: expected an integer|profile\.{field}: expected a finite"):
+            pol.resolve(profile, "OCR")
+    spec = (REPO / "policies/gta/gtapolicy.yaml").read_text()
+    for before, after, field in (("min: 0, max: 120", "min: .nan, max: 120", "min"),
+                                 ("credits: {le: 250}", "credits: {le: .inf}", "le")):
+        assert before in spec
+        (tmp_path / "p.yaml").write_text(spec.replace(before, after))
+        with pytest.raises(InputError, match=rf"{field}: expected a finite number"):
+            load_policy(tmp_path / "p.yaml")
+    (tmp_path / "r.jsonl").write_text('{"id": "a"}\n{"id": "b", "x": NaN}\n')
+    with pytest.raises(InputError, match=r"r\.jsonl: line 2: expected finite numbers only"):
+        read_jsonl(tmp_path / "r.jsonl")
+
+
+# ----------------------------------------------------------------------------- 13. .yml files, duplicate names
+
+POLICY = "kind: clevr\nname: {name}\ndepth: 1\ntree:\n- {{id: '1', attribute: shape, value: cube, if_true: Case 0, if_false: Case 1}}\n"
+
+
+def test_yml_policies_are_read_and_duplicate_names_fail_list(tmp_path, capsys):
+    from pipeline.policy import load_policies
+
+    pdir = tmp_path / "policies" / "clevr"
+    pdir.mkdir(parents=True)
+    (pdir / "a.yaml").write_text(POLICY.format(name="L1-Aaa"))
+    (pdir / "b.yml").write_text(POLICY.format(name="L1-Bbb"))
+    assert sorted(load_policies(tmp_path / "policies")) == ["L1-Aaa", "L1-Bbb"]
+    assert main(["policy", "list", "--policies", str(tmp_path / "policies")]) == 0
+    assert "L1-Bbb" in capsys.readouterr().out
+    (pdir / "c.yml").write_text(POLICY.format(name="L1-Aaa"))
+    assert main(["policy", "list", "--policies", str(tmp_path / "policies")]) == 2      # generate refuses too
+    out = capsys.readouterr().out
+    assert "INVALID" in out and "c.yml: name: expected a name unique across policies/" in out
+    with pytest.raises(InputError, match="unique"):
+        load_policies(tmp_path / "policies")
+
+
+# ----------------------------------------------------------------------------- 14. CLEVR splits, importer
+
+FIXTURE = REPO / "tests" / "fixtures" / "clevr" / "CLEVR_v1.0"
+
+
+def test_clevr_source_keeps_test_and_override_images_apart(tmp_path):
+    from pipeline.data.clevr_policy import GenerateClevrConfig, build
+    from pipeline.data.records import ImageStore, read_records
+    from validation.clevr import validate
+
+    pdir = tmp_path / "policies"
+    pdir.mkdir()
+    (pdir / "a.yaml").write_text(POLICY.format(name="L1-Aaa"))
+    cfg = GenerateClevrConfig(train_per_policy=4, cot_per_policy=2, test_per_policy=4, override_per_policy=4,
+                              override_count=1, balance=False, source="clevr", clevr_root=str(FIXTURE))
+    out = tmp_path / "d"
+    build(pdir, out, cfg, seed=0, progress=False)
+    store = ImageStore(out)
+    by_split = {s: {store.read_bytes(r.images[0]) for r in read_records(out / f"{s}.jsonl")}
+                for s in ("train", "test", "override")}
+    assert by_split["test"] and by_split["override"]
+    assert not by_split["test"] & by_split["override"] and not by_split["train"] & by_split["test"]
+    results = {r.name: r for r in validate(out, pdir)}
+    assert results["train, test and override images pairwise disjoint (content hash)"].success
+
+    # the validator checks the test/override pair too (it looked at train only)
+    test0 = json.loads((out / "test.jsonl").read_text().splitlines()[0])
+    lines = (out / "override.jsonl").read_text().splitlines()
+    row = json.loads(lines[0])
+    row["images"] = test0["images"]
+    (out / "override.jsonl").write_text("\n".join([json.dumps(row), *lines[1:]]) + "\n")
+    results = {r.name: r for r in validate(out, pdir)}
+    check = results["train, test and override images pairwise disjoint (content hash)"]
+    assert not check.success and check.failing_rows[0].get("test") == test0["id"]
+
+
+def test_clevr_importer_checks_that_images_are_images(tmp_path):
+    import shutil
+
+    from pipeline.data.clevr_policy import GenerateClevrConfig, build
+    from pipeline.data.scenes import import_clevr
+
+    root = tmp_path / "CLEVR_v1.0"
+    shutil.copytree(FIXTURE, root)
+    (root / "images" / "val" / "CLEVR_val_000002.png").write_text("this is not an image")
+    with pytest.raises(InputError, match=r"scenes\[2\]\.image_filename: expected an image file \(PNG/JPEG\)"):
+        import_clevr(root, "val")
+    # a PNG whose header is fine but whose data is cut: caught when the builder takes it
+    shutil.copy(FIXTURE / "images" / "val" / "CLEVR_val_000002.png", root / "images" / "val" / "CLEVR_val_000002.png")
+    cut = root / "images" / "train" / "CLEVR_train_000003.png"
+    cut.write_bytes(cut.read_bytes()[:100])
+    pdir = tmp_path / "policies"
+    pdir.mkdir()
+    (pdir / "a.yaml").write_text(POLICY.format(name="L1-Aaa"))
+    cfg = GenerateClevrConfig(train_per_policy=10, cot_per_policy=2, test_per_policy=2, override_per_policy=0,
+                              override_count=0, balance=False, source="clevr", clevr_root=str(root))
+    with pytest.raises(InputError, match=r"CLEVR_train_000003\.png: image_filename: expected a decodable image"):
+        build(pdir, tmp_path / "d", cfg, seed=0, progress=False)
+    assert not (tmp_path / "d").exists()
+
+
+# ----------------------------------------------------------------------------- 15. messages
+
+
+def test_depth_beyond_the_maximum_says_what_the_maximum_is(tmp_path, capsys):
+    assert main(["policy", "new", "clevr", "--depth", "40", "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --depth: expected at most 11: every condition must leave both answers possible")
+    assert "colour 8" in err and not (tmp_path / "p").exists()
+    assert main(["policy", "new", "clevr", "--depth", "11", "--out", str(tmp_path / "p")]) == 0
