@@ -458,3 +458,43 @@ def test_depth_beyond_the_maximum_says_what_the_maximum_is(tmp_path, capsys):
     assert err.startswith("error: --depth: expected at most 11: every condition must leave both answers possible")
     assert "colour 8" in err and not (tmp_path / "p").exists()
     assert main(["policy", "new", "clevr", "--depth", "11", "--out", str(tmp_path / "p")]) == 0
+
+
+# ----------------------------------------------------------------------------- 8. linear answer parsing
+
+
+def _lines_run(fn, *args) -> int:
+    """Python lines executed inside pipeline/model/prompts.py during fn(*args): an operation count."""
+    import pipeline.model.prompts as prompts
+
+    count = 0
+    target = prompts.__file__
+
+    def tracer(frame, event, arg):
+        nonlocal count
+        if frame.f_code.co_filename != target:
+            return None
+        if event == "line":
+            count += 1
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        fn(*args)
+    finally:
+        sys.settrace(None)
+    return count
+
+
+def test_parse_answer_work_grows_linearly_with_unclosed_boxes():
+    """1,000 unclosed `\\boxed{` took 1.5 s and 4,000 took ~30 s: the work was quadratic."""
+    from pipeline.model.prompts import format_ok, parse_answer
+
+    def text(n):
+        return "<think>r</think>" + "\\boxed{ {" * n + "\\boxed{Case 3}"
+
+    small, large = _lines_run(parse_answer, text(150)), _lines_run(parse_answer, text(600))
+    assert large < 5 * small, (small, large)          # quadratic work would be ~16x
+    assert parse_answer(text(4000)) == "Case 3"        # the one complete box, inside unclosed ones
+    assert parse_answer("\\boxed{" * 4000 + "} \\boxed{Case 1}") == "Case 1"
+    assert format_ok("<think>r</think>\\boxed{" + "{" * 4000) is False
