@@ -137,8 +137,10 @@ def run_run(args) -> int:
         lock = WorkspaceLock(root, timeout=cfg.lock_wait_s if args.wait is None else args.wait, command="trimpi run")
         lock.acquire()
     except LockBusy as e:
+        from pipeline.io import EX_TEMPFAIL
+
         print(f"error: {e}", file=sys.stderr)
-        return 75
+        return EX_TEMPFAIL
     try:
         from flows.reinternalize import reinternalize
 

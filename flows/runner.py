@@ -15,11 +15,13 @@ Decisions worth knowing:
   and the flow process stays responsive (its heartbeats keep it from being marked crashed).
   The child runs in its own process group; the per-stage timeout kills the whole group.
 * **Failure kinds** (what the flow retries): DVC exits 255 for any failed stage and prints
-  ``exited with N``. N = 1 (a check failed: validation, gate) or 2 (bad input) is
-  **deterministic**, never retried. N = 75 (``EX_TEMPFAIL``, the convention for "try again"),
-  death by a signal, any other code, or a known network error in the last lines of output
-  (e.g. the storage layer's ``failed after N attempts``) is **transient** and retried with
-  back-off. A timeout is not retried: a stage that ran out of time will run out again.
+  ``exited with N``; the stage's own code N decides, never its output text. N = 1 (a check
+  failed: validation, gate) or 2 (bad input) is **deterministic**, never retried. N = 75
+  (``EX_TEMPFAIL``: ``trimpi`` exits so on a :class:`pipeline.io.TransientError`, e.g. storage
+  unreachable after its retry budget), death by a signal or any other code is **transient** and
+  retried with back-off. Only when DVC failed on its own (``dvc pull``/``push``, no stage ran) is
+  its output read, because DVC exits 1 for a dead remote and for a bad config alike. A timeout is
+  not retried: a stage that ran out of time will run out again.
 """
 from __future__ import annotations
 
@@ -36,16 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pipeline.io import input_error, read_json
+from pipeline.io import EX_TEMPFAIL, input_error, read_json
 
-EX_TEMPFAIL = 75
 DETERMINISTIC_CODES = (1, 2)
-# Text that marks a failure as a passing network/infrastructure problem even when the exit
-# code alone would say "deterministic" (an uncaught boto error exits 1, a StorageError 2).
-TRANSIENT_MARKERS = re.compile(
-    r"failed after \d+ attempts|EndpointConnectionError|Could not connect to the endpoint|"
-    r"Connection refused|ConnectTimeout|ReadTimeout|Connection reset by peer|SlowDown|"
-    r"ServiceUnavailable|RequestTimeout|Unable to acquire lock")
+# DVC's own failures (pull/push, its repo lock) that a later attempt can get past. Read only
+# when no stage ran: a stage says what it means with its exit code.
+DVC_TRANSIENT = re.compile(
+    r"EndpointConnectionError|Could not connect to the endpoint|Connection refused|ConnectTimeout|"
+    r"ReadTimeout|Connection reset by peer|SlowDown|ServiceUnavailable|RequestTimeout|Unable to acquire lock")
 
 
 @dataclass
@@ -230,15 +230,16 @@ def classify(code: int, tail: list[str]) -> tuple[bool, str]:
     """(transient?, reason) for a failed ``dvc`` command from its exit code and last lines."""
     text = "\n".join(tail)
     stage_rc = [int(m) for m in re.findall(r"exited with (-?\d+)", text)]
+    if not stage_rc:  # DVC failed on its own: its exit code does not say why
+        if DVC_TRANSIENT.search(text):
+            return True, f"dvc: network/lock error, exit {code}"
+        if code == 255:  # dvc itself refused (bad dvc.yaml, missing dependency)
+            return False, "dvc refused the stage"
     rc = stage_rc[-1] if stage_rc else code
-    if TRANSIENT_MARKERS.search(text):
-        return True, f"network/lock error in output, exit {rc}"
     if rc == EX_TEMPFAIL:
-        return True, "stage asked to be retried, exit 75"
+        return True, "transient failure (retry later), exit 75"
     if rc in DETERMINISTIC_CODES:
         return False, ("a check failed" if rc == 1 else "bad input") + f", exit {rc}"
-    if not stage_rc and code == 255:  # dvc itself refused (bad dvc.yaml, missing dependency)
-        return False, "dvc refused the stage"
     return True, f"exit {rc}" + (" (killed by a signal)" if rc < 0 or rc > 128 else "")
 
 

@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from pipeline.io import TransientError
+
 LOCK_NAME = ".trimpi/run.lock"
 
 # path -> [file object, hold count]; guarded by _guard (flows may run tasks in threads).
@@ -33,8 +35,8 @@ _held: dict[str, list] = {}
 _guard = threading.Lock()
 
 
-class LockBusy(RuntimeError):
-    """Another process holds the workspace lock and ``timeout`` ran out."""
+class LockBusy(TransientError):
+    """Another process holds the workspace lock and ``timeout`` ran out (try again later: exit 75)."""
 
 
 def lock_path(workspace: str | os.PathLike = ".") -> Path:

@@ -498,3 +498,357 @@ def test_parse_answer_work_grows_linearly_with_unclosed_boxes():
     assert parse_answer(text(4000)) == "Case 3"        # the one complete box, inside unclosed ones
     assert parse_answer("\\boxed{" * 4000 + "} \\boxed{Case 1}") == "Case 1"
     assert format_ok("<think>r</think>\\boxed{" + "{" * 4000) is False
+
+
+# ----------------------------------------------------------------------------- 1. concurrent promoters
+
+PASSED = {"passed": True, "checks": []}
+
+
+def _weights(root: Path, name: str, payload: bytes) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "model.safetensors").write_bytes(payload)
+    (d / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl", "name": name}))
+    return d
+
+
+def _race(make_registry, models: list[Path], monkeypatch) -> list[dict]:
+    """Promote ``models`` from threads that all list the registry before any claims a number:
+    the interleaving that gave both promoters "v5" (the old code took max+1 and wrote)."""
+    import threading
+
+    from pipeline.registry import Registry
+
+    barrier = threading.Barrier(len(models), timeout=60)
+    listed = threading.local()
+    real = Registry._version_dirs
+
+    def version_dirs(self):
+        out = real(self)
+        if not getattr(listed, "done", False):
+            listed.done = True
+            barrier.wait()
+        return out
+
+    monkeypatch.setattr(Registry, "_version_dirs", version_dirs)
+    results, errors = [None] * len(models), []
+
+    def go(i):
+        try:
+            results[i] = make_registry().promote(models[i], {"main": {"score": i}}, PASSED,
+                                                 {"source_dir": str(models[i])})
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(models))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.setattr(Registry, "_version_dirs", real)
+    assert not errors, errors
+    return results
+
+
+def _check_every_version_holds_its_cards_weights(reg, tmp_path, models):
+    seen = set()
+    for v in reg.versions():
+        card, manifest = reg.card(v), reg.manifest(v)
+        fetched = reg.fetch(v, tmp_path / f"fetched-{v}")
+        src = Path(card["source_dir"])
+        assert (fetched / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes(), v
+        assert (fetched / "config.json").read_text() == (src / "config.json").read_text(), v
+        assert card["content"] == manifest["content"] == reg._read_json(v, "intent.json")["content"]
+        seen.add(str(src))
+    assert seen == {str(m) for m in models}                      # every model registered, once
+
+
+def test_concurrent_promotes_into_a_local_registry_get_distinct_versions(tmp_path, monkeypatch):
+    from pipeline.registry import Registry
+    from pipeline.storage import LocalStorage
+
+    root = tmp_path / "registry"
+    Registry(LocalStorage(root), "m").promote(_weights(tmp_path, "base", b"0" * 64), {}, PASSED,
+                                                {"source_dir": str(tmp_path / "base")})
+    models = [_weights(tmp_path, name, name.encode() * 4096) for name in ("A", "B", "C")]
+    results = _race(lambda: Registry(LocalStorage(root), "m"), models, monkeypatch)
+    assert sorted(r["version"] for r in results) == ["v2", "v3", "v4"] and all(r["uploaded"] for r in results)
+    reg = Registry(LocalStorage(root), "m")
+    _check_every_version_holds_its_cards_weights(reg, tmp_path, [tmp_path / "base", *models])
+    # promoting one of them again changes nothing: it is registered under its own number
+    again = reg.promote(models[1], {}, PASSED, {"source_dir": str(models[1])})
+    assert again["uploaded"] is False and again["version"] == results[1]["version"]
+
+
+def test_local_create_is_exclusive_and_a_lost_reply_still_counts(tmp_path):
+    from pipeline.storage import LocalStorage
+
+    s = LocalStorage(tmp_path)
+    assert s.create("m/v1/intent.json", b"mine") is True
+    assert s.create("m/v1/intent.json", b"theirs") is False and s.get_bytes("m/v1/intent.json") == b"mine"
+    assert s.create("m/v1/intent.json", b"mine") is True          # a retry of a create that landed
+    assert [p.name for p in (tmp_path / "m" / "v1").iterdir()] == ["intent.json"]   # no temp files left
+
+
+def test_moto_honours_if_none_match_and_the_fallback_still_registers(tmp_path, moto_endpoint, monkeypatch):
+    import boto3
+
+    import pipeline.registry as registry
+    from pipeline.registry import Registry
+    from pipeline.storage import open_storage
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket="cond")
+    store = open_storage("s3://cond/r", endpoint_url=moto_endpoint, retries=2, backoff=0.01)
+    assert store.conditional_writes() is True
+    assert store.create("k", b"a") is True and store.create("k", b"b") is False and store.get_bytes("k") == b"a"
+    assert not [k for k in store.list() if ".trimpi-probe" in k]
+    # an endpoint that ignores If-None-Match: create-then-verify
+    monkeypatch.setattr(registry, "SETTLE_S", 0.01)
+    monkeypatch.setattr(type(store), "conditional_writes", lambda self: False)
+    reg = Registry(store, "m")
+    a, b = _weights(tmp_path, "A", b"A" * 100), _weights(tmp_path, "B", b"B" * 100)
+    assert reg.promote(a, {}, PASSED, {"source_dir": str(a)})["version"] == "v1"
+    assert reg.promote(b, {}, PASSED, {"source_dir": str(b)})["version"] == "v2"
+    _check_every_version_holds_its_cards_weights(reg, tmp_path, [a, b])
+
+
+def test_an_object_overwritten_by_another_promoter_is_not_completed(tmp_path, moto_endpoint, monkeypatch):
+    """The re-check after upload: a weight whose metadata names another content sends the promoter
+    to a new number instead of writing COMPLETE.json over mixed files."""
+    import boto3
+
+    from pipeline.registry import Registry
+    from pipeline.storage import S3Storage, open_storage
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket="mixed")
+    store = open_storage("s3://mixed/r", endpoint_url=moto_endpoint, retries=2, backoff=0.01)
+    reg = Registry(store, "m")
+    intruder = _weights(tmp_path, "X", b"X" * 100)
+    real = S3Storage.put_file
+    hit = {"n": 0}
+
+    def put_file(self, key, path, metadata=None):
+        real(self, key, path, metadata=metadata)
+        if key.endswith("v1/model/model.safetensors") and not hit["n"]:
+            hit["n"] += 1   # another promoter (content "other") writes the same key right after us
+            real(self, key, intruder / "model.safetensors", metadata={"trimpi-content": "other"})
+
+    monkeypatch.setattr(S3Storage, "put_file", put_file)
+    a = _weights(tmp_path, "A", b"A" * 100)
+    res = reg.promote(a, {}, PASSED, {"source_dir": str(a)})
+    assert res["version"] == "v1" and hit["n"] == 1   # v1 re-uploaded (still its claim), then completed
+    _check_every_version_holds_its_cards_weights(reg, tmp_path, [a])
+
+
+@pytest.mark.slow
+def test_concurrent_promotes_on_the_real_s3_server(tmp_path, s3_server, monkeypatch):
+    from pipeline.registry import RegistryConfig, open_registry
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    cfg = RegistryConfig(root=f"s3://trimpi-test/{tmp_path.name}", model="m", retries=3, backoff_s=0.05)
+    open_registry(cfg).promote(_weights(tmp_path, "base", b"0" * 64), {}, PASSED, {"source_dir": str(tmp_path / "base")})
+    models = [_weights(tmp_path, name, name.encode() * (1 << 16)) for name in ("A", "B", "C")]
+    results = _race(lambda: open_registry(cfg), models, monkeypatch)
+    assert sorted(r["version"] for r in results) == ["v2", "v3", "v4"]
+    reg = open_registry(cfg)
+    assert reg.s.conditional_writes() is True
+    _check_every_version_holds_its_cards_weights(reg, tmp_path, [tmp_path / "base", *models])
+
+
+@pytest.mark.slow
+def test_two_promote_processes_on_the_real_s3_server(tmp_path, s3_server):
+    """The issue's reproduction: `trimpi promote --model A & trimpi promote --model B`, two workspaces."""
+    from pipeline.registry import RegistryConfig, open_registry
+
+    env = child_env(**s3_server.env())
+    root = f"s3://trimpi-test/{tmp_path.name}"
+    procs = []
+    for name in ("A", "B"):
+        ws = tmp_path / f"ws-{name}"
+        ws.mkdir()
+        model = _weights(ws, "model", name.encode() * (1 << 18))
+        (ws / "params.yaml").write_text(f"registry: {{root: '{root}', model: m, retries: 3, backoff_s: 0.1}}\n")
+        (ws / "eval.json").write_text('{"main": {"score": 50}}')
+        (ws / "gate.json").write_text(json.dumps(PASSED))
+        procs.append(subprocess.Popen([*TRIMPI, "promote", "--model", str(model), "--metrics", "eval.json", "--gate",
+                                       "gate.json", "--policies", "none", "--out", "promote.json"],
+                                      cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    versions = {json.loads((tmp_path / f"ws-{n}" / "promote.json").read_text())["version"] for n in "AB"}
+    assert versions == {"v1", "v2"}
+    for k, v in s3_server.env().items():
+        os.environ.setdefault(k, v)
+    reg = open_registry(RegistryConfig(root=root, model="m"))
+    for v in reg.versions():
+        src = Path(reg.card(v)["source_dir"])
+        assert (reg.fetch(v, tmp_path / f"f-{v}") / "model.safetensors").read_bytes() == \
+            (src / "model.safetensors").read_bytes()
+
+
+# ----------------------------------------------------------------------------- 2. rollback twice
+
+
+def test_rollback_twice_walks_back_the_promotion_log(tmp_path):
+    from pipeline.registry import Registry
+    from pipeline.storage import LocalStorage
+
+    reg = Registry(LocalStorage(tmp_path / "registry"), "m")
+    for i in range(1, 5):
+        reg.promote(_weights(tmp_path, f"m{i}", bytes([i]) * 32), {}, PASSED, {})
+    assert reg.resolve("production") == "v4"
+    assert reg.rollback()["version"] == "v3"
+    assert reg.rollback()["version"] == "v2"            # was v4 again: the pointer's `previous`
+    assert reg.rollback()["version"] == "v1"
+    with pytest.raises(InputError, match="an earlier production version that was not rolled back from"):
+        reg.rollback()
+    assert reg.rollback(to="v3")["version"] == "v3"     # --to stays (moving forward retires nothing)
+    assert reg.rollback()["version"] == "v1"            # v2 and v4 were rolled back from, v1 was not
+    reg.promote(tmp_path / "m4", {}, PASSED, {})         # re-promoting v4 makes it a candidate again
+    assert reg.resolve("production") == "v4" and reg.rollback()["version"] == "v1"
+
+
+def test_rollback_cli_twice(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text(f"registry: {{root: '{tmp_path / 'registry'}', model: m}}\n")
+    from pipeline.registry import Registry
+    from pipeline.storage import LocalStorage
+
+    reg = Registry(LocalStorage(tmp_path / "registry"), "m")
+    for i in range(1, 4):
+        reg.promote(_weights(tmp_path, f"m{i}", bytes([i]) * 32), {}, PASSED, {})
+    capsys.readouterr()
+    assert main(["registry", "rollback", "--params", str(params)]) == 0
+    assert main(["registry", "rollback", "--params", str(params)]) == 0
+    assert capsys.readouterr().out.splitlines() == ["rollback: production -> v2", "rollback: production -> v1"]
+
+
+# ----------------------------------------------------------------------------- 9. dropped connections
+
+
+def _big(tmp_path: Path, mib: int = 9) -> Path:
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(os.urandom(mib << 20))  # over boto3's 8 MiB multipart threshold
+    return f
+
+
+def _drop_connection(store, times: int, op: str = "UploadPart"):
+    from botocore.exceptions import ConnectionClosedError
+
+    state = {"left": times}
+
+    def drop(request, **kw):
+        if state["left"] > 0:
+            state["left"] -= 1
+            raise ConnectionClosedError(endpoint_url=request.url)
+
+    store.client.meta.events.register(f"before-send.s3.{op}", drop)
+    return state
+
+
+def _open_uploads(endpoint: str, bucket: str) -> list:
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint).list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+
+
+def test_connection_dropped_mid_upload_is_retried_and_leaves_no_open_upload(tmp_path, moto_endpoint, monkeypatch):
+    import boto3
+
+    from pipeline.storage import open_storage
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket="drop")
+    f = _big(tmp_path)
+    store = open_storage("s3://drop/p", endpoint_url=moto_endpoint, retries=3, backoff=0.01)
+    state = _drop_connection(store, times=1)
+    store.put_file("m/w.safetensors", f)                        # before: ConnectionClosedError, exit 2, no retry
+    assert state["left"] == 0
+    assert store.get_bytes("m/w.safetensors") == f.read_bytes()
+    assert _open_uploads(moto_endpoint, "drop") == []
+
+
+def test_connection_down_for_the_whole_budget_is_transient_exit_75(tmp_path, moto_endpoint, monkeypatch, capsys):
+    import boto3
+
+    from pipeline.io import TransientError
+    from pipeline.storage import S3Storage, StorageUnavailable
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket="down")
+    model = tmp_path / "model"
+    model.mkdir()
+    _big(model)
+    (model / "config.json").write_text("{}")
+    params = tmp_path / "params.yaml"
+    params.write_text(f"registry: {{root: 's3://down/r', model: m, endpoint_url: '{moto_endpoint}', "
+                      "retries: 3, backoff_s: 0.01}\n")
+    (tmp_path / "eval.json").write_text('{"main": {"score": 1}}')
+    (tmp_path / "gate.json").write_text(json.dumps(PASSED))
+    real_client = S3Storage.client
+
+    def client(self):
+        c = real_client.fget(self)
+        if not getattr(c, "_dropping", False):
+            c._dropping = True
+            _drop_connection(type("S", (), {"client": c})(), times=10 ** 6)
+        return c
+
+    monkeypatch.setattr(S3Storage, "client", property(client))
+    assert issubclass(StorageUnavailable, TransientError) and not issubclass(StorageUnavailable, InputError)
+    capsys.readouterr()
+    rc = main(["promote", "--params", str(params), "--model", str(model), "--metrics", str(tmp_path / "eval.json"),
+               "--gate", str(tmp_path / "gate.json"), "--policies", str(tmp_path / "none"),
+               "--out", str(tmp_path / "promote.json")])
+    err = capsys.readouterr().err
+    assert rc == 75, err                                         # before: 2, "bad input", never retried
+    assert "upload failed after 3 attempts (last error: ConnectionClosedError)" in err and "transient" in err
+    assert _open_uploads(moto_endpoint, "down") == []            # aborted before each retry and at the end
+    assert not (tmp_path / "promote.json").exists()
+
+
+@pytest.mark.slow
+def test_s3_server_killed_mid_multipart_promote_then_rerun(tmp_path, monkeypatch):
+    """The issue's reproduction on SeaweedFS: the server dies during a large weight upload."""
+    from pipeline.registry import RegistryConfig, open_registry
+    from pipeline.s3server import S3Server
+    from pipeline.storage import StorageUnavailable
+
+    server = S3Server(data_dir=tmp_path / "s3", buckets=["big"]).start()
+    try:
+        for k, v in server.env().items():
+            monkeypatch.setenv(k, v)
+        model = tmp_path / "model"
+        model.mkdir()
+        _big(model, 24)
+        (model / "config.json").write_text("{}")
+        cfg = RegistryConfig(root="s3://big/reg", model="m", retries=3, backoff_s=0.05)
+        reg = open_registry(cfg)
+        parts = {"n": 0}
+
+        def stop_after_two_parts(**kw):
+            parts["n"] += 1
+            if parts["n"] == 3:
+                server.stop()
+
+        reg.s.client.meta.events.register("before-send.s3.UploadPart", stop_after_two_parts)
+        with pytest.raises(StorageUnavailable, match="upload failed after 3 attempts"):
+            reg.promote(model, {}, PASSED, {})
+        server = S3Server(data_dir=tmp_path / "s3", buckets=["big"], port=server.port).start()
+        assert server.client().list_multipart_uploads(Bucket="big").get("Uploads"), "the outage left an upload open"
+        res = open_registry(cfg).promote(model, {}, PASSED, {})
+        assert res["version"] == "v1" and res["uploaded"]
+        assert server.client().list_multipart_uploads(Bucket="big").get("Uploads", []) == []
+        fetched = open_registry(cfg).fetch("production", tmp_path / "f")
+        assert (fetched / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+    finally:
+        server.stop()
