@@ -177,6 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8333, help="S3 port on 127.0.0.1")
     p.add_argument("--bucket", action="append", default=None, help="bucket(s) to create (default: trimpi)")
     a = p.parse_args(argv)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # `kill PID` (a service manager, a test fixture) must stop weed too: by default SIGTERM ends
+    # this process at once and weed, in its own session, goes on listening
+    signal.signal(signal.SIGTERM, stop)
     server = S3Server(data_dir=a.dir, buckets=a.bucket or ["trimpi"], port=a.port)
     server.start()
     env = server.env()

@@ -13,7 +13,6 @@ import signal
 import stat
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -852,3 +851,238 @@ def test_s3_server_killed_mid_multipart_promote_then_rerun(tmp_path, monkeypatch
         assert (fetched / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
     finally:
         server.stop()
+
+
+# ----------------------------------------------------------------------------- 3. a failed stage keeps its old outputs
+
+TRAIN_PY = """
+import os, sys, time
+params = open("params.yaml").read()
+mode = params.split("mode:")[1].split()[0].strip(",}")
+version = params.split("v:")[1].split()[0].strip(",}")
+if mode == "sleep":
+    open("started", "w").write(str(os.getpid()))
+    time.sleep(600)
+if mode == "fail":
+    sys.exit(1)
+os.makedirs("models/m", exist_ok=True)
+os.makedirs("metrics", exist_ok=True)
+os.makedirs("reports/preds", exist_ok=True)
+open("models/m/model.safetensors", "w").write("weights " + version)
+open("metrics/m.json", "w").write('{"v": %s}' % version)
+open("reports/preds/p.jsonl", "w").write("pred " + version)
+"""
+
+RESTORE_DVC = """stages:
+  train:
+    cmd: python train.py
+    deps: [train.py]
+    params: [train.mode, train.v]
+    outs:
+      - models/m
+      - reports/preds: {cache: false}
+    metrics:
+      - metrics/m.json: {cache: false}
+"""
+
+
+def _outputs(ws: Path) -> dict:
+    return {p.relative_to(ws).as_posix(): p.read_bytes() for d in ("models", "metrics", "reports")
+            for p in sorted((ws / d).rglob("*")) if p.is_file() and p.name != ".gitignore"}
+
+
+@pytest.fixture
+def restore_ws(dvc_repo):
+    from flows import runner
+
+    ws = dvc_repo(RESTORE_DVC, "train: {mode: ok, v: 1}\n")
+    (ws / "train.py").write_text(TRAIN_PY)
+    assert runner.repro_stage(ws, "train", lambda line: None).status == "ran"
+    before = _outputs(ws)
+    assert set(before) == {"models/m/model.safetensors", "metrics/m.json", "reports/preds/p.jsonl"}
+    return ws, before
+
+
+def test_failed_or_timed_out_stage_gets_its_previous_outputs_back(restore_ws):
+    from flows import runner
+
+    ws, before = restore_ws
+    (ws / "params.yaml").write_text("train: {mode: fail, v: 2}\n")
+    lines = []
+    with pytest.raises(runner.StageFailed) as e:
+        runner.repro_stage(ws, "train", lines.append)
+    assert not e.value.transient
+    assert _outputs(ws) == before                     # before: DVC had deleted all three
+    assert "restored the previous outputs of train" in lines
+    assert not (ws / ".trimpi" / "restore" / "train").exists()
+
+    (ws / "params.yaml").write_text("train: {mode: sleep, v: 2}\n")
+    with pytest.raises(runner.StageTimeout):
+        runner.repro_stage(ws, "train", lambda line: None, timeout=10)
+    assert (ws / "started").exists()                  # it was killed while running
+    assert _outputs(ws) == before
+
+
+RUN_STAGE = """
+import sys
+from flows import runner
+runner.repro_stage(sys.argv[1], "train", print)
+"""
+
+
+def test_runner_killed_mid_stage_kills_the_stage_and_the_next_run_restores(restore_ws):
+    """SIGKILL of the runner: its stage group dies with it (item 10), DVC has already deleted the
+    outputs, and the next run of the stage puts them back before DVC decides (item 3)."""
+    from flows import runner
+
+    ws, before = restore_ws
+    (ws / "params.yaml").write_text("train: {mode: sleep, v: 2}\n")
+    parent = subprocess.Popen([sys.executable, "-c", RUN_STAGE, str(ws)], env=child_env(), cwd=ws,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = ws / "started"
+    deadline = time.monotonic() + 120
+    while not started.exists() and time.monotonic() < deadline and parent.poll() is None:
+        time.sleep(0.1)
+    assert started.exists(), "the stage never started"
+    trainer = int(started.read_text())
+    rec = json.loads((ws / ".trimpi" / "stage.json").read_text())
+    parent.kill()
+    parent.wait()
+    assert _gone(trainer), "the stage outlived its runner"           # before: it ran on for 600 s
+    assert _gone_group(rec["pgid"])
+    assert not (ws / "models" / "m").exists()                        # DVC removed it before running
+    (ws / "params.yaml").write_text("train: {mode: ok, v: 1}\n")     # back to what dvc.lock records
+    res = runner.repro_stage(ws, "train", lambda line: None)
+    assert res.status == "unchanged" and _outputs(ws) == before      # restored, so nothing to re-run
+
+
+def _gone(pid: int, wait: float = 60.0) -> bool:
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:  # a zombie of an exited child counts as gone
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _gone_group(pgid: int, wait: float = 30.0) -> bool:
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+# ----------------------------------------------------------------------------- 10. stage lifetime follows the runner
+
+
+def test_a_live_orphan_stage_keeps_the_workspace_busy(tmp_path):
+    from pipeline.lock import LockBusy, WorkspaceLock, live_stage, record_stage
+
+    orphan = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        record_stage(tmp_path, orphan.pid, "python -m dvc repro --single-item rl")
+        with pytest.raises(LockBusy, match=rf"still running: process group {orphan.pid} .*dvc repro --single-item rl"):
+            WorkspaceLock(tmp_path).acquire()
+    finally:
+        orphan.kill()
+        orphan.wait()
+    assert live_stage(tmp_path) is None and not (tmp_path / ".trimpi" / "stage.json").exists()
+    with WorkspaceLock(tmp_path):                                    # a dead record is cleaned up
+        pass
+
+
+def test_terminate_all_stops_running_stage_groups(tmp_path):
+    import threading
+
+    from flows import runner
+
+    pidfile = tmp_path / "pid"
+    script = f"import os,time; open({str(pidfile)!r},'w').write(str(os.getpid())); time.sleep(300)"
+    result = {}
+    t = threading.Thread(target=lambda: result.update(
+        rc=runner.run_streamed([sys.executable, "-c", script], tmp_path, lambda line: None)[0]))
+    t.start()
+    deadline = time.monotonic() + 60
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    runner.terminate_all()
+    t.join(60)
+    assert not t.is_alive() and result["rc"] != 0 and _gone(int(pidfile.read_text()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killing_trimpi_run_stops_its_stage(sig, dvc_repo, tmp_path):
+    """The issue's reproduction: `kill` (or `kill -9`) of `trimpi run` while a stage trains."""
+    ws = dvc_repo(RESTORE_DVC, "train: {mode: sleep, v: 1}\norchestrate: {pull: false, push: false, retries: 0}\n")
+    (ws / "train.py").write_text(TRAIN_PY)
+    env = child_env(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180", DO_NOT_TRACK="1")
+    env.pop("PREFECT_API_URL", None)
+    run = subprocess.Popen([*TRIMPI, "run", "--workspace", str(ws), "--force"], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 400
+        while not (ws / "started").exists() and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.2)
+        assert (ws / "started").exists(), "the stage never started"
+        trainer = int((ws / "started").read_text())
+        run.send_signal(sig)
+        run.wait(timeout=120)
+        assert _gone(trainer), "the stage outlived `trimpi run`"
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+
+
+# ----------------------------------------------------------------------------- 11. make s3 stopped with SIGTERM
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+@pytest.mark.slow
+def test_s3server_stopped_with_sigterm_stops_weed(tmp_path):
+    from pipeline.s3server import free_ports
+
+    port = free_ports(1)[0]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.s3server", "--dir", str(tmp_path / "s3"), "--port",
+                             str(port)], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    weed: list[int] = []
+    try:
+        assert proc.stdout.readline().startswith("S3 server (SeaweedFS) at"), "the server did not start"
+        weed = _children(proc.pid)
+        assert weed, "no weed child found"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert all(_gone(pid) for pid in weed), "weed still running after SIGTERM"   # before: still listening
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in weed:  # never leave a server behind, whatever happened above
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
