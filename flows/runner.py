@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pipeline.io import EX_TEMPFAIL, input_error, read_json
+from pipeline.io import EX_TEMPFAIL, atomic_write_json, input_error, read_json
 
 DETERMINISTIC_CODES = (1, 2)
 # DVC's own failures (pull/push, its repo lock) that a later attempt can get past. Read only
@@ -285,8 +285,6 @@ def run_streamed(cmd: list[str], cwd: str | os.PathLike, on_line: Callable[[str]
                             stderr=subprocess.STDOUT, stdin=subprocess.PIPE, start_new_session=True)
     with _live_guard:
         _live[proc.pid] = proc
-    if workspace is not None:
-        record_stage(workspace, proc.pid, " ".join(cmd))
     tail: deque[str] = deque(maxlen=200)
 
     def pump():
@@ -318,6 +316,8 @@ def run_streamed(cmd: list[str], cwd: str | os.PathLike, on_line: Callable[[str]
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     try:
+        if workspace is not None:
+            record_stage(workspace, proc.pid, " ".join(cmd))
         code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
@@ -431,8 +431,12 @@ def restore_outputs(root: str | os.PathLike, stage: str, on_line: Callable[[str]
     """Put ``stage``'s outputs back as they were before it ran (see the module docstring)."""
     root = Path(root)
     backup = _backup_dir(root, stage)
+    if not (backup / "outs.json").exists():
+        # written last: without it the backup was cut short, so DVC never ran and nothing changed
+        shutil.rmtree(backup, ignore_errors=True)
+        return
+    saved = json.loads((backup / "outs.json").read_text())
     outs = stage_outputs(root, stage)
-    saved = json.loads((backup / "outs.json").read_text()) if (backup / "outs.json").exists() else {}
     for path, cached in outs:
         if cached:
             continue
@@ -446,8 +450,9 @@ def restore_outputs(root: str | os.PathLike, stage: str, on_line: Callable[[str]
         cmd = [sys.executable, "-m", "dvc", "checkout", "--force", stage]
         r = subprocess.run(cmd, cwd=str(root), env=child_env(), capture_output=True, text=True)
         if r.returncode != 0:
+            last = ((r.stderr or r.stdout).strip().splitlines() or [""])[-1]
             on_line(f"restore {stage}: dvc checkout failed (exit {r.returncode}); outputs not in the cache stay "
-                    f"missing: {(r.stderr or r.stdout).strip().splitlines()[-1:] or ''}")
+                    f"missing: {last}")
     shutil.rmtree(backup, ignore_errors=True)
     on_line(f"restored the previous outputs of {stage}")
 
@@ -465,7 +470,7 @@ def preserved_outputs(root: str | os.PathLike, stage: str, on_line: Callable[[st
             _link_tree(root / path, backup / "files" / path)
             saved[path] = True
     backup.mkdir(parents=True, exist_ok=True)
-    (backup / "outs.json").write_text(json.dumps(saved))
+    atomic_write_json(backup / "outs.json", saved)  # last: marks the backup complete
     try:
         yield
     except BaseException:

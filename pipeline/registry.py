@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.evaluate.metrics import flatten, get_dotted
-from pipeline.io import atomic_write_json, dump_yaml, input_error, parse_json, read_json
+from pipeline.io import TransientError, atomic_write_json, dump_yaml, input_error, parse_json, read_json
 from pipeline.storage import NotFound, Storage, open_storage
 
 VERSION_RE = re.compile(r"^v(\d+)$")
@@ -242,8 +242,8 @@ class Registry:
             if theirs is not None and theirs.get("content") == content:  # a concurrent promotion of these weights
                 return v, self.is_complete(v)
             n += 1
-        raise input_error(self.s.where(self.model), "versions", f"a free version number within {MAX_CLAIMS} tries "
-                          f"(other promoters keep taking them)", f"v{n - MAX_CLAIMS}..v{n - 1} taken")
+        raise TransientError(f"{self.s.where(self.model)}: v{n - MAX_CLAIMS}..v{n - 1} were all taken by other "
+                             "promoters while this one tried them; promote again")
 
     def _owned(self, version: str, content: str) -> bool:
         intent = self._intent(version)
@@ -293,8 +293,8 @@ class Registry:
             self.s.put_bytes(self._k(version, "COMPLETE.json"),
                              _json_bytes({"content": content, "files": manifest, "at": now()}))
             return version, True
-        raise input_error(self.s.where(self.model), "versions", f"an upload not overwritten by other promoters "
-                          f"within {MAX_CLAIMS} tries", content)
+        raise TransientError(f"{self.s.where(self.model)}: other promoters overwrote this upload {MAX_CLAIMS} times "
+                             "(an endpoint without conditional writes?); promote again")
 
     def promote(self, model_dir, metrics: dict, gate: dict, card: dict) -> dict:
         if not gate.get("passed"):

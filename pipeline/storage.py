@@ -1,8 +1,9 @@
 """One storage abstraction over a local directory and S3, for the model registry.
 
 ``open_storage("registry")`` and ``open_storage("s3://bucket/prefix")`` return objects with the
-same small surface — ``put_bytes/get_bytes/put_file/get_file/list/children/exists/delete`` and
-``replace`` (atomic replace of a small object) — so the registry has exactly one code path.
+same small surface — ``put_bytes/get_bytes/put_file/get_file/list/children/exists/delete``,
+``replace`` (atomic replace of a small object), ``create`` (write only if absent) and
+``abort_uploads`` — so the registry has exactly one code path.
 Keys are ``/``-separated and relative to the root; ``..`` and absolute keys are refused.
 
 Decisions worth knowing:
