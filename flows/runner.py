@@ -390,15 +390,24 @@ def repro_stage(root: str | os.PathLike, stage: str, on_line: Callable[[str], No
 BACKUP_DIR = ".trimpi/restore"
 
 
+_outs_cache: dict[tuple, dict[str, list[tuple[str, bool]]]] = {}
+
+
 def stage_outputs(root: str | os.PathLike, stage: str) -> list[tuple[str, bool]]:
-    """(path, cached in DVC's cache) for every output of ``stage`` (metrics and plots included)."""
+    """(path, cached in DVC's cache) for every output of ``stage`` (metrics and plots included).
+
+    Read once per version of ``dvc.yaml`` (opening DVC's index costs about a second per stage).
+    """
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
-        for s in repo.index.stages:
-            if _address(repo, s) == stage:
-                return [(o.def_path, bool(o.use_cache)) for o in s.outs]
-    return []
+    root = Path(root).resolve()
+    st = (root / "dvc.yaml").stat() if (root / "dvc.yaml").exists() else None
+    key = (str(root), st and st.st_mtime_ns, st and st.st_size)
+    if key not in _outs_cache:
+        with Repo(str(root)) as repo:
+            _outs_cache[key] = {_address(repo, s): [(o.def_path, bool(o.use_cache)) for o in s.outs]
+                                for s in repo.index.stages}
+    return _outs_cache[key].get(stage, [])
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -427,6 +436,18 @@ def _backup_dir(root: Path, stage: str) -> Path:
     return root / BACKUP_DIR / re.sub(r"[^A-Za-z0-9_.@-]+", "_", stage)
 
 
+def _locked(root: Path, stage: str) -> bool:
+    """Whether ``dvc.lock`` records a run of ``stage`` (else there is nothing to check out)."""
+    from pipeline.io import InputError, load_yaml
+
+    lock = root / "dvc.lock"
+    try:
+        data = load_yaml(lock) if lock.exists() else None
+    except InputError:
+        return True  # let DVC say what is wrong with it
+    return isinstance(data, dict) and stage in (data.get("stages") or {})
+
+
 def restore_outputs(root: str | os.PathLike, stage: str, on_line: Callable[[str], None]) -> None:
     """Put ``stage``'s outputs back as they were before it ran (see the module docstring)."""
     root = Path(root)
@@ -445,7 +466,7 @@ def restore_outputs(root: str | os.PathLike, stage: str, on_line: Callable[[str]
         if saved.get(path):
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(backup / "files" / path, target)
-    if any(cached for _, cached in outs):
+    if any(cached for _, cached in outs) and _locked(root, stage):
         # the cached outputs dvc.lock records (a failed stage never rewrites dvc.lock)
         cmd = [sys.executable, "-m", "dvc", "checkout", "--force", stage]
         r = subprocess.run(cmd, cwd=str(root), env=child_env(), capture_output=True, text=True)
