@@ -152,6 +152,19 @@ def _sigterm_as_interrupt() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _stop_stages_on_signal() -> dict:
+    """SIGTERM/SIGINT to ``trimpi run``: kill the running stage's process group at once, then stop
+    like Ctrl-C (the stage may run on a Prefect worker thread that the interrupt never reaches).
+    Returns the previous handlers."""
+    from flows import runner
+
+    def handler(signum, frame):
+        runner.terminate_all()
+        raise KeyboardInterrupt
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
 # ----------------------------------------------------------------------------- trimpi run
 
 
@@ -183,8 +196,11 @@ def run_run(args) -> int:
         lock = WorkspaceLock(root, timeout=cfg.lock_wait_s if args.wait is None else args.wait, command="trimpi run")
         lock.acquire()
     except LockBusy as e:
+        from pipeline.io import EX_TEMPFAIL
+
         print(f"error: {e}", file=sys.stderr)
-        return 75
+        return EX_TEMPFAIL
+    previous = _stop_stages_on_signal()
     try:
         from flows.reinternalize import reinternalize
 
@@ -192,6 +208,8 @@ def run_run(args) -> int:
                               stages=args.stages, remote=args.remote, pull=args.pull, push=args.push,
                               overrides=args.overrides, return_state=True)
     finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
         lock.release()
     result = state.result(raise_on_failure=False)
     summary = root / cfg.summary

@@ -13,19 +13,34 @@ Decisions worth knowing:
 * **Subprocess, streamed**: output is read as it comes and handed to a callback line by
   line (tqdm's ``\\r`` updates are throttled), so a multi-hour training stage shows progress
   and the flow process stays responsive (its heartbeats keep it from being marked crashed).
-  The child runs in its own process group; the per-stage timeout kills the whole group.
+  The child runs in its own process group, led by ``flows/stagewatch.py``, which kills the
+  group when this process goes away by any means (SIGKILL included); the per-stage timeout,
+  Ctrl-C, SIGTERM to ``trimpi run`` (:func:`terminate_all`) and a flow cancellation kill it too.
+  While it runs, ``.trimpi/stage.json`` names the group, so a later run refuses to start beside
+  an orphan (:mod:`pipeline.lock`).
+* **A failed stage leaves the workspace as it was.** ``dvc repro`` deletes a stage's outputs
+  before running it; when the stage then fails (or is killed, or times out),
+  :func:`preserved_outputs` puts the previous ones back: cached outputs with ``dvc checkout``
+  from the cache (what ``dvc.lock`` records), uncached ones (metrics, plots, predictions) from
+  hard links taken just before the run. A backup left by a runner that was SIGKILLed is
+  restored before that stage runs next.
 * **Failure kinds** (what the flow retries): DVC exits 255 for any failed stage and prints
-  ``exited with N``. N = 1 (a check failed: validation, gate) or 2 (bad input) is
-  **deterministic**, never retried. N = 75 (``EX_TEMPFAIL``, the convention for "try again"),
-  death by a signal, any other code, or a known network error in the last lines of output
-  (e.g. the storage layer's ``failed after N attempts``) is **transient** and retried with
-  back-off. A timeout is not retried: a stage that ran out of time will run out again.
+  ``exited with N``; the stage's own code N decides, never its output text. N = 1 (a check
+  failed: validation, gate) or 2 (bad input) is **deterministic**, never retried. N = 75
+  (``EX_TEMPFAIL``: ``trimpi`` exits so on a :class:`pipeline.io.TransientError`, e.g. storage
+  unreachable after its retry budget), death by a signal or any other code is **transient** and
+  retried with back-off. Only when DVC failed on its own (``dvc pull``/``push``, no stage ran) is
+  its output read, because DVC exits 1 for a dead remote and for a bad config alike. A timeout is
+  not retried: a stage that ran out of time will run out again.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,16 +51,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pipeline.io import input_error, read_json
+from pipeline.io import EX_TEMPFAIL, atomic_write_json, input_error, read_json
 
-EX_TEMPFAIL = 75
 DETERMINISTIC_CODES = (1, 2)
-# Text that marks a failure as a passing network/infrastructure problem even when the exit
-# code alone would say "deterministic" (an uncaught boto error exits 1, a StorageError 2).
-TRANSIENT_MARKERS = re.compile(
-    r"failed after \d+ attempts|EndpointConnectionError|Could not connect to the endpoint|"
-    r"Connection refused|ConnectTimeout|ReadTimeout|Connection reset by peer|SlowDown|"
-    r"ServiceUnavailable|RequestTimeout|Unable to acquire lock")
+# DVC's own failures (pull/push, its repo lock) that a later attempt can get past. Read only
+# when no stage ran: a stage says what it means with its exit code.
+DVC_TRANSIENT = re.compile(
+    r"EndpointConnectionError|Could not connect to the endpoint|Connection refused|ConnectTimeout|"
+    r"ReadTimeout|Connection reset by peer|SlowDown|ServiceUnavailable|RequestTimeout|Unable to acquire lock")
 
 
 @dataclass
@@ -115,12 +128,9 @@ def stage_graph(root: str | os.PathLike = ".") -> tuple[list[str], dict[str, set
     dvc_yaml = root / "dvc.yaml"
     if not dvc_yaml.exists():
         return [], {}
-    import yaml
+    from pipeline.io import load_yaml
 
-    try:
-        raw = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise input_error(dvc_yaml, "document", "valid YAML", str(e).splitlines()[0]) from None
+    raw = load_yaml(dvc_yaml) or {}
     if not isinstance(raw, dict) or not raw.get("stages"):  # `stages:` with nothing under it yet: DVC would refuse the file
         return [], {}
     with Repo(str(root)) as repo:
@@ -253,27 +263,48 @@ def classify(code: int, tail: list[str]) -> tuple[bool, str]:
     """(transient?, reason) for a failed ``dvc`` command from its exit code and last lines."""
     text = "\n".join(tail)
     stage_rc = [int(m) for m in re.findall(r"exited with (-?\d+)", text)]
+    if not stage_rc:  # DVC failed on its own: its exit code does not say why
+        if DVC_TRANSIENT.search(text):
+            return True, f"dvc: network/lock error, exit {code}"
+        if code == 255:  # dvc itself refused (bad dvc.yaml, missing dependency)
+            return False, "dvc refused the stage"
     rc = stage_rc[-1] if stage_rc else code
-    if TRANSIENT_MARKERS.search(text):
-        return True, f"network/lock error in output, exit {rc}"
     if rc == EX_TEMPFAIL:
-        return True, "stage asked to be retried, exit 75"
+        return True, "transient failure (retry later), exit 75"
     if rc in DETERMINISTIC_CODES:
         return False, ("a check failed" if rc == 1 else "bad input") + f", exit {rc}"
-    if not stage_rc and code == 255:  # dvc itself refused (bad dvc.yaml, missing dependency)
-        return False, "dvc refused the stage"
     return True, f"exit {rc}" + (" (killed by a signal)" if rc < 0 or rc > 128 else "")
+
+
+STAGEWATCH = Path(__file__).with_name("stagewatch.py")
+_live: dict[int, subprocess.Popen] = {}  # pgid -> running stage group (terminate_all)
+_live_guard = threading.Lock()
+
+
+def terminate_all() -> None:
+    """Kill every stage process group this process started (SIGTERM/SIGINT handler of ``trimpi run``)."""
+    with _live_guard:
+        procs = list(_live.values())
+    for proc in procs:
+        _kill_group(proc)
 
 
 def run_streamed(cmd: list[str], cwd: str | os.PathLike, on_line: Callable[[str], None],
                  timeout: float | None = None, env: dict | None = None,
-                 progress_every: float = 10.0) -> tuple[int, list[str]]:
+                 progress_every: float = 10.0, workspace: str | os.PathLike | None = None) -> tuple[int, list[str]]:
     """Run ``cmd``, feeding each output line to ``on_line``; returns (exit code, last 200 lines).
 
+    ``cmd`` runs under ``flows/stagewatch.py`` in a new process group that dies with this process.
+    With ``workspace``, the group is recorded in its ``.trimpi/stage.json`` while it runs.
     Raises :class:`StageTimeout` (after killing the process group) when ``timeout`` passes.
     """
-    proc = subprocess.Popen(cmd, cwd=str(cwd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    from pipeline.lock import clear_stage, record_stage
+
+    # stdin is the watchdog's lifeline: only this process holds the write end (never written)
+    proc = subprocess.Popen([sys.executable, str(STAGEWATCH), *cmd], cwd=str(cwd), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, stdin=subprocess.PIPE, start_new_session=True)
+    with _live_guard:
+        _live[proc.pid] = proc
     tail: deque[str] = deque(maxlen=200)
 
     def pump():
@@ -305,6 +336,8 @@ def run_streamed(cmd: list[str], cwd: str | os.PathLike, on_line: Callable[[str]
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     try:
+        if workspace is not None:
+            record_stage(workspace, proc.pid, " ".join(cmd))
         code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
@@ -313,6 +346,12 @@ def run_streamed(cmd: list[str], cwd: str | os.PathLike, on_line: Callable[[str]
     except BaseException:  # KeyboardInterrupt, flow cancellation: never leave a training job behind
         _kill_group(proc)
         raise
+    finally:
+        with _live_guard:
+            _live.pop(proc.pid, None)
+        if workspace is not None:
+            clear_stage(workspace, proc.pid)
+        proc.stdin.close()
     reader.join(30)
     return code, list(tail)
 
@@ -346,7 +385,7 @@ def dvc(args: list[str], root: str | os.PathLike, on_line: Callable[[str], None]
         timeout: float | None = None) -> list[str]:
     """Run ``dvc <args>`` (this interpreter's DVC); raise :class:`StageFailed` on failure."""
     cmd = [sys.executable, "-m", "dvc", *args]
-    code, tail = run_streamed(cmd, root, on_line, timeout=timeout, env=child_env())
+    code, tail = run_streamed(cmd, root, on_line, timeout=timeout, env=child_env(), workspace=root)
     if code != 0:
         transient, reason = classify(code, tail)
         raise StageFailed("dvc " + " ".join(args), code, transient, tail, reason)
@@ -355,8 +394,127 @@ def dvc(args: list[str], root: str | os.PathLike, on_line: Callable[[str], None]
 
 def repro_stage(root: str | os.PathLike, stage: str, on_line: Callable[[str], None],
                 timeout: float | None = None) -> StageResult:
-    """``dvc repro --single-item <stage>``: DVC skips it when nothing it depends on changed."""
+    """``dvc repro --single-item <stage>``: DVC skips it when nothing it depends on changed.
+
+    A failure (or a kill) puts the stage's previous outputs back (:func:`preserved_outputs`).
+    """
     t0 = time.monotonic()
-    tail = dvc(["repro", "--single-item", stage], root, on_line, timeout)
+    with preserved_outputs(root, stage, on_line):
+        tail = dvc(["repro", "--single-item", stage], root, on_line, timeout)
     unchanged = any("didn't change, skipping" in line for line in tail)
     return StageResult(stage, "unchanged" if unchanged else "ran", time.monotonic() - t0, tail[-20:])
+
+
+# ----------------------------------------------------------------------------- outputs of a failed stage
+
+BACKUP_DIR = ".trimpi/restore"
+
+
+_outs_cache: dict[tuple, dict[str, list[tuple[str, bool]]]] = {}
+
+
+def stage_outputs(root: str | os.PathLike, stage: str) -> list[tuple[str, bool]]:
+    """(path, cached in DVC's cache) for every output of ``stage`` (metrics and plots included).
+
+    Read once per version of ``dvc.yaml`` (opening DVC's index costs about a second per stage).
+    """
+    from dvc.repo import Repo
+
+    root = Path(root).resolve()
+    st = (root / "dvc.yaml").stat() if (root / "dvc.yaml").exists() else None
+    key = (str(root), st and st.st_mtime_ns, st and st.st_size)
+    if key not in _outs_cache:
+        with Repo(str(root)) as repo:
+            _outs_cache[key] = {_address(repo, s): [(o.def_path, bool(o.use_cache)) for o in s.outs]
+                                for s in repo.index.stages}
+    return _outs_cache[key].get(stage, [])
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` (file or tree) at ``dst``; copy where linking is refused. Stages write
+    through temp-then-rename, so a new output never changes the inode a link points at."""
+    if src.is_dir():
+        dst.mkdir(parents=True, exist_ok=True)
+        for child in src.iterdir():
+            _link_tree(child, dst / child.name)
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _backup_dir(root: Path, stage: str) -> Path:
+    return root / BACKUP_DIR / re.sub(r"[^A-Za-z0-9_.@-]+", "_", stage)
+
+
+def _locked(root: Path, stage: str) -> bool:
+    """Whether ``dvc.lock`` records a run of ``stage`` (else there is nothing to check out)."""
+    from pipeline.io import InputError, load_yaml
+
+    lock = root / "dvc.lock"
+    try:
+        data = load_yaml(lock) if lock.exists() else None
+    except InputError:
+        return True  # let DVC say what is wrong with it
+    return isinstance(data, dict) and stage in (data.get("stages") or {})
+
+
+def restore_outputs(root: str | os.PathLike, stage: str, on_line: Callable[[str], None]) -> None:
+    """Put ``stage``'s outputs back as they were before it ran (see the module docstring)."""
+    root = Path(root)
+    backup = _backup_dir(root, stage)
+    if not (backup / "outs.json").exists():
+        # written last: without it the backup was cut short, so DVC never ran and nothing changed
+        shutil.rmtree(backup, ignore_errors=True)
+        return
+    saved = json.loads((backup / "outs.json").read_text())
+    outs = stage_outputs(root, stage)
+    for path, cached in outs:
+        if cached:
+            continue
+        target = root / path
+        _remove(target)
+        if saved.get(path):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(backup / "files" / path, target)
+    if any(cached for _, cached in outs) and _locked(root, stage):
+        # the cached outputs dvc.lock records (a failed stage never rewrites dvc.lock)
+        cmd = [sys.executable, "-m", "dvc", "checkout", "--force", stage]
+        r = subprocess.run(cmd, cwd=str(root), env=child_env(), capture_output=True, text=True)
+        if r.returncode != 0:
+            last = ((r.stderr or r.stdout).strip().splitlines() or [""])[-1]
+            on_line(f"restore {stage}: dvc checkout failed (exit {r.returncode}); outputs not in the cache stay "
+                    f"missing: {last}")
+    shutil.rmtree(backup, ignore_errors=True)
+    on_line(f"restored the previous outputs of {stage}")
+
+
+@contextlib.contextmanager
+def preserved_outputs(root: str | os.PathLike, stage: str, on_line: Callable[[str], None]):
+    """Back up ``stage``'s uncached outputs, run the body, restore everything if it fails."""
+    root = Path(root)
+    backup = _backup_dir(root, stage)
+    if backup.exists():  # left by a runner that died mid-stage: undo that first
+        restore_outputs(root, stage, on_line)
+    saved = {}
+    for path, cached in stage_outputs(root, stage):
+        if not cached and (root / path).exists():
+            _link_tree(root / path, backup / "files" / path)
+            saved[path] = True
+    backup.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(backup / "outs.json", saved)  # last: marks the backup complete
+    try:
+        yield
+    except BaseException:
+        restore_outputs(root, stage, on_line)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)

@@ -5,13 +5,18 @@ when its command runs (``trimpi --help`` imports neither torch nor Prefect). A c
 module defines ``configure_<name>(parser)`` and ``run_<name>(args) -> int | None``.
 
 Every command gets ``--params`` (default ``params.yaml``) and repeatable ``--set k=v``
-overrides of its own params section. Bad input prints ``error: <file>: <field>: expected ...``
-and exits 2; a failed gate or validation exits 1.
+overrides of its own params section. Exit codes (what the flow decides retries on):
+
+* 0 done; 1 a check failed (validation, gate); 2 bad input, printed as
+  ``error: <file>: <field>: expected ...`` (also a full disk or an unwritable output: one line
+  from :func:`pipeline.io.os_error_line`); never retried, it would fail the same way.
+* 75 (``EX_TEMPFAIL``) a transient failure (:class:`pipeline.io.TransientError`: storage
+  unreachable after its retry budget, a busy workspace): worth retrying later.
+* 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import os
 import sys
@@ -83,23 +88,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of this command's params section (repeatable)")
-    from pipeline.io import InputError
+    from pipeline.io import EX_TEMPFAIL, InputError, TransientError, os_error_line
 
     try:
         mod = importlib.import_module(mod_name)
         getattr(mod, f"configure_{name}")(parser)
         args = parser.parse_args(rest)
         rc = getattr(mod, f"run_{name}")(args)
+    except TransientError as e:
+        print(f"error: {e} (transient: retry later)", file=sys.stderr)
+        return EX_TEMPFAIL
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        # Disk full, read-only or permission-denied output dirs: every writer goes through
-        # pipeline.io's temp-then-rename, so the previous outputs are still intact.
-        if e.errno not in (errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT):
+        line = os_error_line(e)
+        if line is None:
             raise
-        print(f"error: cannot write {e.filename or 'output'}: {e.strerror} "
-              "(nothing was half-written; previous outputs are intact)", file=sys.stderr)
+        print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

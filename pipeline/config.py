@@ -20,7 +20,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.io import input_error, load_yaml
+from pipeline.io import input_error, load_yaml, parse_yaml
 
 T = TypeVar("T")
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -114,14 +114,12 @@ def from_dict(cls: type[T], data: Any, path: str | os.PathLike = "<params>", sec
 
 def parse_overrides(overrides: list[str] | None) -> dict:
     """``["lr=1e-4", "lora.rank=8"]`` -> nested dict, values parsed as YAML scalars."""
-    import yaml
-
     out: dict = {}
     for item in overrides or []:
         if "=" not in item:
             raise input_error("--set", item, "key=value")
         key, raw = item.split("=", 1)
-        val = yaml.safe_load(raw) if raw != "" else ""
+        val = parse_yaml(raw, "--set") if raw != "" else ""
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:

@@ -14,6 +14,10 @@ Where it departs from the obvious:
 * Re-entrant within a process: ``trimpi run`` takes the lock and then calls the flow, which
   takes it again (a served deployment has no outer holder). Two ``flock`` calls on separate
   descriptors conflict even inside one process, so a per-path hold count is kept here.
+* A free lock is not enough: a stage process group can outlive its runner (the runner was
+  SIGKILLed and its stage watchdog too). The runner records the running stage's process
+  group in ``.trimpi/stage.json`` (:func:`record_stage`); acquiring the lock while that group
+  is still alive refuses, naming it, instead of starting a second writer on the same outputs.
 """
 from __future__ import annotations
 
@@ -27,19 +31,70 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from pipeline.io import TransientError
+
 LOCK_NAME = ".trimpi/run.lock"
+STAGE_NAME = ".trimpi/stage.json"
 
 # path -> [file object, hold count]; guarded by _guard (flows may run tasks in threads).
 _held: dict[str, list] = {}
 _guard = threading.Lock()
 
 
-class LockBusy(RuntimeError):
-    """Another process holds the workspace lock and ``timeout`` ran out."""
+class LockBusy(TransientError):
+    """Another process holds the workspace lock and ``timeout`` ran out (try again later: exit 75)."""
 
 
 def lock_path(workspace: str | os.PathLike = ".") -> Path:
     return Path(workspace).resolve() / LOCK_NAME
+
+
+def _start_time(pid: int) -> int | None:
+    """Kernel start time of ``pid`` (Linux /proc), to tell a live group from a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def record_stage(workspace: str | os.PathLike, pgid: int, command: str) -> Path:
+    """Note the process group of the stage now running in ``workspace`` (see the module docstring)."""
+    from pipeline.io import atomic_write_json
+
+    path = Path(workspace).resolve() / STAGE_NAME
+    atomic_write_json(path, {"pgid": pgid, "start": _start_time(pgid), "command": command,
+                             "runner": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+    return path
+
+
+def clear_stage(workspace: str | os.PathLike, pgid: int) -> None:
+    path = Path(workspace).resolve() / STAGE_NAME
+    if read_holder(path).get("pgid") == pgid:
+        path.unlink(missing_ok=True)
+
+
+def live_stage(workspace: str | os.PathLike) -> dict | None:
+    """The recorded stage if its process group is still alive on this host, else None (record removed)."""
+    path = Path(workspace).resolve() / STAGE_NAME
+    rec = read_holder(path)
+    pgid = rec.get("pgid")
+    if not isinstance(pgid, int) or rec.get("host") not in (None, socket.gethostname()):
+        return None
+    try:
+        os.killpg(pgid, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    except PermissionError:  # another user's group: alive
+        alive = True
+    started = _start_time(pgid)
+    if alive and rec.get("start") is not None and started is not None and started != rec["start"]:
+        alive = False  # the leader's pid was reused by an unrelated process
+    if not alive:
+        path.unlink(missing_ok=True)
+        return None
+    return rec
 
 
 def read_holder(path: str | os.PathLike) -> dict:
@@ -103,6 +158,14 @@ class WorkspaceLock:
         except BaseException:
             f.close()
             raise
+        orphan = live_stage(self.path.parent.parent)
+        if orphan is not None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            f.close()
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(orphan.get("since", 0)))
+            raise LockBusy(f"{self.path.parent.parent}: a stage from an earlier run is still running: process group "
+                           f"{orphan['pgid']} ({orphan.get('command')!r}, since {since}), left behind when its runner "
+                           f"(pid {orphan.get('runner')}) died; stop it with `kill -- -{orphan['pgid']}` or wait for it")
         f.seek(0)
         f.truncate()
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),

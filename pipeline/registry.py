@@ -7,7 +7,7 @@ Layout under the storage root (a local directory or ``s3://bucket/prefix``, via
     <model>/v3/metrics.json         the evaluation metrics the gate judged
     <model>/v3/gate.json            the gate verdict
     <model>/v3/card.json, card.md   model card: policies+versions, data version, params, git, metrics
-    <model>/v3/intent.json          written FIRST: content hash of the upload in progress
+    <model>/v3/intent.json          written FIRST, exclusively: the claim (content hash + claim id) on v3
     <model>/v3/COMPLETE.json        written LAST: manifest (file -> sha256, size); a version exists iff it has one
     <model>/aliases/production.json small pointer {"version": "v3", "previous": "v2", ...}
     <model>/log/<utc>-<event>-<v>.json  append-only promotion log: one new object per event, never rewritten
@@ -17,11 +17,22 @@ replaces the pointer object (atomic per object on both backends). A crash anywhe
 swap leaves production on the old version; readers resolve the alias and only ever follow it
 to a version with a completion marker. A crashed upload is resumed by the next promotion of
 the same weights (same content hash in ``intent.json``) instead of leaving a gap. The log
-entry is written after the swap, so the pointer (which also records ``previous``) is the
-truth and the log is the audit trail.
+entry is written after the swap, so the pointer is the truth for "what is production" and
+the log is the history: ``rollback`` walks it (v4 -> v3 -> v2, never back to a version that
+was rolled back from, unless ``--to`` names it).
 
-Two promoters racing on one registry are not arbitrated here (S3 has no portable
-compare-and-swap); ``trimpi run`` holds the workspace lock (``pipeline/lock.py``).
+**Concurrent promoters** (two workspaces or machines; the workspace lock cannot see them).
+A version number is taken by creating its ``intent.json`` *exclusively*: ``link()`` of a
+complete temp file locally, ``PUT`` with ``If-None-Match: *`` on S3. The loser reads the
+winner's intent: same content -> it joins that version (identical bytes), else it tries the
+next number. Every weight object on S3 carries the content hash as metadata, and before
+``COMPLETE.json`` is written the promoter re-reads ``intent.json`` and the metadata of every
+object it uploaded: anything written by another content makes it start over with a new
+number instead of completing a mixed version. An S3 endpoint that ignores ``If-None-Match``
+(probed once) gets create-then-verify instead: intent written only if absent, read back after a
+short settle delay, ownership re-checked before every file and again after upload. That narrows
+the race to a writer stalled for longer than the delay between its own check and its PUT; use
+an endpoint with conditional writes (AWS, SeaweedFS, MinIO) when promoters may run at once.
 
 The gate (``gate`` section) compares ``metrics/eval.json`` with thresholds and with the
 current production model's metrics read from this registry — only when both were measured on
@@ -36,16 +47,20 @@ import os
 import re
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.evaluate.metrics import flatten, get_dotted
-from pipeline.io import atomic_write_json, dump_yaml, input_error, read_json
+from pipeline.io import TransientError, atomic_write_json, dump_yaml, input_error, parse_json, read_json
 from pipeline.storage import NotFound, Storage, open_storage
 
 VERSION_RE = re.compile(r"^v(\d+)$")
+CONTENT_META = "trimpi-content"  # S3 object metadata: the content hash of the version it was uploaded for
+SETTLE_S = 1.0  # create-then-verify (no conditional writes): how long a racing PUT gets to land
+MAX_CLAIMS = 20  # versions tried before giving up (each needs a concurrent winner to be lost)
 _SECRETISH = re.compile(r"secret|password|passwd|token|access_key|credential", re.IGNORECASE)
 
 
@@ -82,6 +97,11 @@ class GateConfig:
     """Dotted metric keys compared with production (only those present in both metrics files)."""
     require_all: bool = False
     """True: a check whose metric is missing fails instead of being skipped."""
+
+
+def _num(version: str | None) -> int:
+    m = VERSION_RE.match(version or "")
+    return int(m.group(1)) if m else -1
 
 
 def now() -> str:
@@ -124,7 +144,8 @@ class Registry:
         return [v for v in self._version_dirs() if include_incomplete or self.is_complete(v)]
 
     def _read_json(self, *parts: str) -> Any:
-        return json.loads(self.s.get_bytes(self._k(*parts)))
+        key = self._k(*parts)
+        return parse_json(self.s.get_bytes(key), self.s.where(key))
 
     def alias(self, name: str = "production") -> dict | None:
         try:
@@ -158,7 +179,7 @@ class Registry:
         return self._read_json(self.resolve(ref), "COMPLETE.json")
 
     def log(self) -> list[dict]:
-        return [json.loads(self.s.get_bytes(k)) for k in self.s.list(self._k("log"))]
+        return [parse_json(self.s.get_bytes(k), self.s.where(k)) for k in self.s.list(self._k("log"))]
 
     def fetch(self, ref: str, dest: str | os.PathLike) -> Path:
         """Download a version's model files into ``dest`` (atomically) and verify every sha256."""
@@ -186,42 +207,94 @@ class Registry:
         self.s.replace(self._k("aliases", "production.json"), _json_bytes(ptr))
         return ptr
 
+    def _claim(self, version: str, intent: dict) -> bool:
+        """Take ``version`` by creating its intent.json; False if someone else holds it."""
+        key, data = self._k(version, "intent.json"), _json_bytes(intent)
+        if self.s.conditional_writes():
+            return self.s.create(key, data)
+        # create-then-verify (see the module docstring): no endpoint support for If-None-Match
+        if self.s.exists(key):
+            return False
+        self.s.put_bytes(key, data)
+        time.sleep(SETTLE_S)
+        return self.s.get_bytes(key) == data
+
+    def _intent(self, version: str) -> dict | None:
+        try:
+            intent = self._read_json(version, "intent.json")
+        except NotFound:
+            return None
+        return intent if isinstance(intent, dict) else None
+
     def _pick_version(self, content: str) -> tuple[str, bool]:
-        """(version, already_complete): reuse a version holding the same content, else the next number."""
+        """(version, already_complete): a version holding the same content, else a newly claimed number."""
         dirs = self._version_dirs()
         for v in dirs:
-            try:
-                intent = self._read_json(v, "intent.json")
-            except NotFound:
-                continue
-            if intent.get("content") == content:
-                return v, self.is_complete(v)
+            intent = self._intent(v)
+            if intent is not None and intent.get("content") == content:
+                return v, self.is_complete(v)  # resume a crashed upload, or the same weights again
         n = max((int(v[1:]) for v in dirs), default=0) + 1
-        return f"v{n}", False
+        for _ in range(MAX_CLAIMS):
+            v = f"v{n}"
+            if self._claim(v, {"content": content, "claim": uuid.uuid4().hex, "at": now()}):
+                return v, False
+            theirs = self._intent(v)
+            if theirs is not None and theirs.get("content") == content:  # a concurrent promotion of these weights
+                return v, self.is_complete(v)
+            n += 1
+        raise TransientError(f"{self.s.where(self.model)}: v{n - MAX_CLAIMS}..v{n - 1} were all taken by other "
+                             "promoters while this one tried them; promote again")
+
+    def _owned(self, version: str, content: str) -> bool:
+        intent = self._intent(version)
+        return intent is not None and intent.get("content") == content
+
+    def _conflicts(self, version: str, content: str, files: list[str]) -> list[str]:
+        """After the upload, before COMPLETE: what in ``version`` is not ours any more."""
+        if not self._owned(version, content):
+            return ["intent.json"]
+        meta = getattr(self.s, "metadata", None)
+        if meta is None:  # local: the exclusive create already excludes other writers
+            return []
+        return [rel for rel in files if meta(self._k(version, "model", rel)).get(CONTENT_META) != content]
 
     def register(self, model_dir: str | os.PathLike, metrics: dict, gate: dict, card: dict) -> tuple[str, bool]:
-        """Upload a model version (idempotent by content). Returns (version, newly_uploaded)."""
+        """Upload a model version (idempotent by content, safe against concurrent promoters).
+
+        Returns (version, newly_uploaded).
+        """
         model_dir = Path(model_dir)
         files = model_files(model_dir)
         manifest = {rel: {"sha256": sha256_file(model_dir / rel), "size": (model_dir / rel).stat().st_size}
                     for rel in files}
         content = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
-        version, done = self._pick_version(content)
-        if done:
-            return version, False
-        self.s.put_bytes(self._k(version, "intent.json"), _json_bytes({"content": content, "at": now()}))
         from tqdm import tqdm
 
-        for rel in tqdm(files, desc=f"upload {version}", unit="file", disable=None):
-            self.s.put_file(self._k(version, "model", rel), model_dir / rel)
-        card = {**card, "version": version, "model": self.model, "content": content}
-        self.s.put_bytes(self._k(version, "metrics.json"), _json_bytes(metrics))
-        self.s.put_bytes(self._k(version, "gate.json"), _json_bytes(gate))
-        self.s.put_bytes(self._k(version, "card.json"), _json_bytes(card))
-        self.s.put_bytes(self._k(version, "card.md"), render_card(card, metrics, gate).encode())
-        self.s.put_bytes(self._k(version, "COMPLETE.json"),
-                         _json_bytes({"content": content, "files": manifest, "at": now()}))
-        return version, True
+        for _ in range(MAX_CLAIMS):
+            version, done = self._pick_version(content)
+            if done:
+                return version, False
+            # a crashed earlier upload of this version may have left multipart uploads open
+            self.s.abort_uploads(self._k(version) + "/")
+            careful = not self.s.conditional_writes()
+            lost = False
+            for rel in tqdm(files, desc=f"upload {version}", unit="file", disable=None):
+                if careful and not self._owned(version, content):
+                    lost = True
+                    break
+                self.s.put_file(self._k(version, "model", rel), model_dir / rel, metadata={CONTENT_META: content})
+            if lost or self._conflicts(version, content, files):
+                continue  # another promoter owns this number (or wrote into it): start over
+            vcard = {**card, "version": version, "model": self.model, "content": content}
+            self.s.put_bytes(self._k(version, "metrics.json"), _json_bytes(metrics))
+            self.s.put_bytes(self._k(version, "gate.json"), _json_bytes(gate))
+            self.s.put_bytes(self._k(version, "card.json"), _json_bytes(vcard))
+            self.s.put_bytes(self._k(version, "card.md"), render_card(vcard, metrics, gate).encode())
+            self.s.put_bytes(self._k(version, "COMPLETE.json"),
+                             _json_bytes({"content": content, "files": manifest, "at": now()}))
+            return version, True
+        raise TransientError(f"{self.s.where(self.model)}: other promoters overwrote this upload {MAX_CLAIMS} times "
+                             "(an endpoint without conditional writes?); promote again")
 
     def promote(self, model_dir, metrics: dict, gate: dict, card: dict) -> dict:
         if not gate.get("passed"):
@@ -236,21 +309,44 @@ class Registry:
         return {"version": version, "uploaded": uploaded, "production": version, "changed": True,
                 "previous": ptr["previous"]}
 
+    def rollback_target(self) -> str:
+        """The version a plain ``rollback`` goes to, from the promotion log.
+
+        The most recent version that was production before the current one and has not been
+        rolled back from since it last became production: after v1..v4, rollback goes to v3,
+        and again to v2 (the pointer's ``previous`` alone would bounce back to v4).
+        """
+        current = self.alias()
+        if current is None:
+            raise input_error(self.s.where(self.model), "production", "a promoted model to roll back from (none yet)")
+        became: dict[str, int] = {}
+        retired: set[str] = set()
+        for i, e in enumerate(self.log()):  # object names start with the UTC time: chronological
+            prev, to = e.get("previous"), e.get("version")
+            # leaving a version by a rollback marks it bad, unless `--to` moved forward on purpose
+            if e.get("event") == "rollback" and prev and (e.get("mode") != "to" or _num(prev) > _num(to)):
+                retired.add(prev)
+            if e.get("version"):
+                became[e["version"]] = i
+                retired.discard(e["version"])
+        for v in sorted(became, key=became.get, reverse=True):
+            if v != current["version"] and v not in retired and self.is_complete(v):
+                return v
+        history = ", ".join(sorted(became, key=became.get)) or "none"
+        raise input_error(self.s.where(self.model), "production",
+                          f"an earlier production version that was not rolled back from (production history: "
+                          f"{history}; current {current['version']}); pass --to VERSION")
+
     def rollback(self, to: str | None = None) -> dict:
         current = self.alias()
         if current is None:
             raise input_error(self.s.where(self.model), "production", "a promoted model to roll back from (none yet)")
-        if to is None:
-            # the version production pointed at before the current one, from the pointer itself
-            if not current.get("previous"):
-                raise input_error(self.s.where(self.model), "production.previous",
-                                  "an earlier production version (this is the first); pass --to VERSION")
-            to = current["previous"]
-        target = self.resolve(to)
+        target = self.resolve(to) if to is not None else self.rollback_target()
         if target == current["version"]:
             return {"version": target, "changed": False}
         ptr = self._swap(target, "rollback")
-        self._append_log({"event": "rollback", "version": target, "previous": ptr["previous"]})
+        self._append_log({"event": "rollback", "version": target, "previous": ptr["previous"],
+                          "mode": "to" if to is not None else "previous"})
         return {"version": target, "changed": True, "previous": ptr["previous"]}
 
 

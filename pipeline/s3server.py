@@ -177,20 +177,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8333, help="S3 port on 127.0.0.1")
     p.add_argument("--bucket", action="append", default=None, help="bucket(s) to create (default: trimpi)")
     a = p.parse_args(argv)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # `kill PID` (a service manager, a test fixture) must stop weed too: by default SIGTERM ends
+    # this process at once and weed, in its own session, goes on listening
+    signal.signal(signal.SIGTERM, stop)
     server = S3Server(data_dir=a.dir, buckets=a.bucket or ["trimpi"], port=a.port)
     server.start()
-    env = server.env()
-    keys_from_env = "AWS_ACCESS_KEY_ID" in os.environ
-    print(f"S3 server (SeaweedFS) at {server.endpoint}, data in {Path(a.dir).resolve()}, "
-          f"buckets: {', '.join(server.buckets)}.\n"
-          f"Keys: {'yours, from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY' if keys_from_env else 'development defaults'}."
-          f" In another shell:\n\n"
-          + ("" if keys_from_env else  # never echo a user's own secret
-             f"  export AWS_ACCESS_KEY_ID={env['AWS_ACCESS_KEY_ID']} AWS_SECRET_ACCESS_KEY={env['AWS_SECRET_ACCESS_KEY']}\n")
-          + f"  export AWS_ENDPOINT_URL={server.endpoint}\n"
-          f"  dvc remote add -d s3 s3://{server.buckets[0]}/dvc && dvc remote modify s3 endpointurl {server.endpoint}\n"
-          f"  trimpi run --set remote=s3     # or: dvc push / dvc pull\n\nCtrl-C to stop.", flush=True)
+    # everything after start() sits in the try: a signal right after the banner (a test reading
+    # it and interrupting at once) must still stop weed
     try:
+        env = server.env()
+        keys_from_env = "AWS_ACCESS_KEY_ID" in os.environ
+        keys = "yours, from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY" if keys_from_env else "development defaults"
+        print(f"S3 server (SeaweedFS) at {server.endpoint}, data in {Path(a.dir).resolve()}, "
+              f"buckets: {', '.join(server.buckets)}.\n"
+              f"Keys: {keys}. In another shell:\n\n"
+              + ("" if keys_from_env else  # never echo a user's own secret
+                 f"  export AWS_ACCESS_KEY_ID={env['AWS_ACCESS_KEY_ID']} AWS_SECRET_ACCESS_KEY={env['AWS_SECRET_ACCESS_KEY']}\n")
+              + f"  export AWS_ENDPOINT_URL={server.endpoint}\n"
+              f"  dvc remote add -d s3 s3://{server.buckets[0]}/dvc && dvc remote modify s3 endpointurl {server.endpoint}\n"
+              f"  trimpi run --set remote=s3     # or: dvc push / dvc pull\n\nCtrl-C to stop.", flush=True)
         while server.proc.poll() is None:
             time.sleep(1)
         print(f"weed exited with {server.proc.returncode}; see {Path(a.dir) / 'weed.log'}", file=sys.stderr)

@@ -229,7 +229,7 @@ def test_s3_outage_during_push_is_retried_then_named_and_never_half_registers(tm
     outage = {"when": None, "heal_after": None}
     real_call, real_put_file = S3Storage._call, S3Storage.put_file
 
-    def counted(self, what, key, fn):
+    def counted(self, what, key, fn, **kw):
         def attempt():
             try:
                 r = fn()
@@ -242,10 +242,10 @@ def test_s3_outage_during_push_is_retried_then_named_and_never_half_registers(tm
                 raise
             attempts.append((what, key, True))
             return r
-        return real_call(self, what, key, attempt)
+        return real_call(self, what, key, attempt, **kw)
 
-    def put_file(self, key, path):
-        real_put_file(self, key, path)
+    def put_file(self, key, path, **kw):
+        real_put_file(self, key, path, **kw)
         if outage["when"] is not None and key.endswith(outage["when"]):
             outage["when"] = None
             moto.stop()
@@ -261,21 +261,22 @@ def test_s3_outage_during_push_is_retried_then_named_and_never_half_registers(tm
     outage.update(when="config.json", heal_after=1)
     attempts.clear()
     assert promote("b") == 0
-    weights_b = [a for a in attempts if a[1] == "m/v2/model/model.safetensors"]
+    weights_b = [a for a in attempts if a[1] == "m/v2/model/model.safetensors" and a[0] == "upload"]
     assert [ok for *_, ok in weights_b] == [False, True]
 
-    # (2) down for good: 3 attempts, then an error naming the object URL and the endpoint (exit 2)
+    # (2) down for good: 3 attempts, then an error naming the object URL and the endpoint, exit 75
+    # (EX_TEMPFAIL: the flow retries it; bad input would be 2)
     reg = open_registry(RegistryConfig(root=url, model="m", endpoint_url=moto.url))
     alias_before = reg.s.get_bytes("m/aliases/production.json")
     _model(tmp_path, "c", b"C" * 64)
     outage.update(when="config.json", heal_after=None)
     attempts.clear()
     capsys.readouterr()
-    assert promote("c") == 2
+    assert promote("c") == 75
     err = capsys.readouterr().err
     assert f"{url}/m/v3/model/model.safetensors: upload failed after 3 attempts" in err
     assert moto.url in err and "Traceback" not in err
-    assert [ok for w, k, ok in attempts if k == "m/v3/model/model.safetensors"] == [False, False, False]
+    assert [ok for w, k, ok in attempts if k == "m/v3/model/model.safetensors" and w == "upload"] == [False] * 3
     assert json.loads((tmp_path / "promote.json").read_text())["version"] == "v2"   # DVC output untouched
 
     # nothing half-registered: production unchanged byte for byte, v3 invisible, no log entry
@@ -315,8 +316,8 @@ def test_real_s3_server_stopped_during_push(tmp_path, monkeypatch):
         reg.promote(_model(tmp_path, "a", b"A" * 4096), {"main": {"score": 50}}, passed, {})
         real_put = S3Storage.put_file
 
-        def stop_after_first_file(self, key, path):
-            real_put(self, key, path)
+        def stop_after_first_file(self, key, path, **kw):
+            real_put(self, key, path, **kw)
             if key == "m/v2/model/config.json":
                 server.stop()
 

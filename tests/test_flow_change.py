@@ -82,8 +82,11 @@ def test_stage_order_is_topological_with_declaration_order_on_ties(dvc_repo):
     (255, ["ERROR: failed to reproduce 'x': failed to run: trimpi x, exited with 2"], False),
     (255, ["ERROR: failed to reproduce 'x': failed to run: x, exited with 75"], True),
     (255, ["ERROR: failed to reproduce 'x': failed to run: x, exited with -9"], True),
+    # the exit code decides (issue 16 item 3): storage unreachable exits 75, whatever the text says
     (255, ["promote: s3://b/p: put failed after 5 attempts (last error: EndpointConnectionError)",
-           "ERROR: failed to reproduce 'promote': failed to run: trimpi promote, exited with 2"], True),
+           "ERROR: failed to reproduce 'promote': failed to run: trimpi promote, exited with 75"], True),
+    (255, ["error: s3://b/p: put failed after 5 attempts (last error: EndpointConnectionError)",
+           "ERROR: failed to reproduce 'promote': failed to run: trimpi promote, exited with 2"], False),
     (255, ["ERROR: 'dvc.yaml' does not exist"], False),
     (1, ["ERROR: failed to push data to the cloud - Connection refused"], True),
 ])

@@ -88,11 +88,11 @@ def test_crash_during_upload_is_invisible_and_resumed(tmp_path):
     real_put = LocalStorage.put_file
     calls = {"n": 0}
 
-    def flaky(self, key, path):
+    def flaky(self, key, path, **kw):
         calls["n"] += 1
         if calls["n"] == 2:
             raise ConnectionError("network went away mid-upload")
-        real_put(self, key, path)
+        real_put(self, key, path, **kw)
 
     store.put_file = types.MethodType(flaky, store)
     with pytest.raises(ConnectionError):
@@ -122,8 +122,8 @@ def test_reader_never_sees_half_promoted_model(tmp_path):
     for name in ("put_bytes", "put_file", "replace"):
         real = getattr(LocalStorage, name)
 
-        def wrapped(self, *a, _real=real):
-            _real(self, *a)
+        def wrapped(self, *a, _real=real, **kw):
+            _real(self, *a, **kw)
             observe()
 
         setattr(writer_store, name, types.MethodType(wrapped, writer_store))

@@ -121,7 +121,7 @@ def test_leaked_image_breaks_disjointness(ws):
     train0 = json.loads((ws / "data" / "train.jsonl").read_text().splitlines()[0])
     edit_jsonl(ws / "data" / "test.jsonl", 0, lambda d: d.update(images=train0["images"]))
     bad = failed(validate(ws / "data", ws / "policies" / "clevr"))
-    row = bad["train images disjoint from test and override images (content hash)"].failing_rows[0]
+    row = bad["train, test and override images pairwise disjoint (content hash)"].failing_rows[0]
     assert row["train"] == train0["id"]
 
 

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.io import InputError
+from pipeline.io import InputError, input_error, read_json
 from validation.expectations import CheckResult, python_check, read_lenient, run_expectations
 
 FILES = {"train.jsonl": "train", "cot.jsonl": "train", "test.jsonl": "test", "override.jsonl": "override"}
@@ -143,9 +143,11 @@ def validate(data_dir, policies_dir, config: ValidateConfig | None = None) -> li
     # ---- manifest, files, parsing
     manifest = {}
     try:
-        manifest = json.loads((data / "manifest.json").read_text(encoding="utf-8"))
+        manifest = read_json(data / "manifest.json")
+        if not isinstance(manifest, dict):
+            raise input_error(data / "manifest.json", None, "a JSON object", type(manifest).__name__)
         chk("manifest.json readable", [])
-    except (OSError, ValueError) as e:
+    except (OSError, InputError) as e:
         chk("manifest.json readable", [{"file": "manifest.json", "error": str(e)[:200]}])
     expected = manifest.get("files", {})
     parsed: dict[str, list[tuple[int, dict]]] = {}
@@ -246,9 +248,8 @@ def validate(data_dir, policies_dir, config: ValidateConfig | None = None) -> li
                     owners.setdefault(hashes[ref], {}).setdefault(split, d.get("id"))
     store.close()
     chk("images exist and decode", bad_img)
-    overlap = [{"image_sha256": h[:16], **ids} for h, ids in owners.items()
-               if "train" in ids and ("test" in ids or "override" in ids)]
-    chk("train images disjoint from test and override images (content hash)", overlap)
+    overlap = [{"image_sha256": h[:16], **ids} for h, ids in owners.items() if len(ids) > 1]
+    chk("train, test and override images pairwise disjoint (content hash)", overlap)
 
     # ---- cot.jsonl is a subset of train.jsonl
     train = {d.get("id"): d for _, d in parsed.get("train.jsonl", [])}

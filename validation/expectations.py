@@ -58,14 +58,18 @@ def read_lenient(path) -> tuple[list[tuple[int, dict, Any]], list[dict]]:
     from pipeline.data.records import Record
     from pipeline.io import InputError
 
+    from pipeline.io import parse_json
+
     path = Path(path)
     good, bad = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            line = raw.decode("utf-8", errors="replace")
             if not line.strip():
                 continue
             try:
-                d = json.loads(line)
+                raw.decode("utf-8")  # the same strictness as the trainers' reader (pipeline.io.read_jsonl)
+                d = parse_json(line, path.name, f"line {i}", finite=True)
                 if not isinstance(d, dict):
                     raise ValueError(f"a JSON {type(d).__name__}, not an object")
                 r = Record.from_dict(d, path, i)

@@ -23,10 +23,10 @@ unreadable override spec is a failed check with example rows (file + line or rec
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
+from pipeline.io import InputError, parse_json, read_json
 from validation.expectations import CheckResult, python_check, read_lenient, run_expectations
 
 FILES = ("train", "cot", "test", "override")
@@ -48,8 +48,8 @@ def _load(data_dir: Path) -> tuple[dict[str, list], dict[str, list[dict]]]:
 def _manifest_counts(data_dir: Path, files: dict[str, list]) -> list[dict]:
     """Failing rows where a file holds another number of records than manifest.json says."""
     try:
-        sizes = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))["sizes"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        sizes = read_json(data_dir / "manifest.json")["sizes"]
+    except (OSError, InputError, KeyError, TypeError) as e:
         return [{"file": "manifest.json", "error": f"unreadable: {type(e).__name__}: {str(e)[:120]}"}]
     return [{"file": f"{f}.jsonl", "manifest": sizes.get(f), "records": len(recs)}
             for f, recs in files.items() if sizes.get(f) != len(recs)]
@@ -57,8 +57,8 @@ def _manifest_counts(data_dir: Path, files: dict[str, list]) -> list[dict]:
 
 def _call(rec) -> dict | None:
     try:
-        obj = json.loads(rec.answer)
-    except ValueError:
+        obj = parse_json(rec.answer, rec.id, "answer", finite=True)
+    except InputError:
         return None
     ok = isinstance(obj, dict) and isinstance(obj.get("name"), str) and isinstance(obj.get("arguments"), dict)
     return obj if ok and set(obj) == {"name", "arguments"} else None

@@ -16,7 +16,8 @@ which scenes are drawn: with ``balance`` the synthetic source asks the policy fo
 that reach a chosen leaf (:meth:`ClevrPolicy.witness_objects`, exact, no rejection loop),
 cycling through the leaves so every case gets the same count (+-1); the CLEVR source
 buckets the real scenes by leaf and draws round-robin. Train, test and override images are
-disjoint (content hash of the encoded image; a collision re-draws the scene).
+disjoint (synthetic: content hash of the encoded image, a collision re-draws the scene; CLEVR:
+test and override both come from the val split, so an image taken by one is closed to the other).
 
 Every stream is seeded from ``base.seed`` + policy name + split, so adding a policy never
 changes another policy's data.
@@ -114,6 +115,7 @@ class _Builder:
         self.n_images = 0
         self.clevr_pools: dict[str, list[dict]] = {}
         self.clevr_refs: dict[str, str] = {}
+        self.clevr_owner: dict[str, str] = {}  # CLEVR image path -> the one split that may use it
 
     def _add(self, data: bytes) -> str:
         self.n_images += 1
@@ -152,7 +154,7 @@ class _Builder:
 
     def clevr(self, policy, split: str, n: int) -> list[tuple[dict, str]]:
         """(scene, image ref) pairs from real CLEVR, round-robin over the policy's leaves."""
-        from pipeline.data.scenes import import_clevr
+        from pipeline.data.scenes import import_clevr, read_clevr_image
 
         cfg = self.cfg
         csplit = cfg.clevr_train_split if split == "train" else cfg.clevr_test_split
@@ -162,6 +164,9 @@ class _Builder:
         rng = random.Random(f"generate-clevr/{self.seed}/{policy.name}/{policy.version}/{split}")
         order = list(range(len(pool)))
         rng.shuffle(order)
+        # test and override both draw from CLEVR's val pool: an image another split already took
+        # is not available here (within a split, policies share images on purpose)
+        order = [j for j in order if self.clevr_owner.get(pool[j]["image_path"], split) == split]
         buckets: dict[str, list[int]] = {c: [] for c in policy.leaves}
         for j in order:
             buckets[policy.evaluate(pool[j])[0]].append(j)
@@ -181,8 +186,9 @@ class _Builder:
             sc = pool[j]
             ref = self.clevr_refs.get(sc["image_path"])
             if ref is None:
-                data = Path(sc["image_path"]).read_bytes()
+                data = read_clevr_image(sc)
                 self.seen[hashlib.sha256(data).hexdigest()] = split
+                self.clevr_owner[sc["image_path"]] = split
                 ref = self.clevr_refs[sc["image_path"]] = self._add(data)
             scene = {k: v for k, v in sc.items() if k != "image_path"}
             out.append((scene, ref))

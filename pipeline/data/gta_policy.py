@@ -26,7 +26,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text, dump_yaml, input_error, load_yaml, read_json
+from pipeline.io import (atomic_dir, atomic_write_json, atomic_write_text, dump_yaml, input_error, load_yaml,
+                         parse_json, read_json)
 
 OVERRIDE_REF = "override_policies/GTAPolicy.yaml"
 
@@ -220,7 +221,7 @@ def load_gta(root: str | Path, pol) -> list[dict]:
     """GTA ``dataset.json`` -> dialogs (images opened lazily by path; every path checked to stay in root)."""
     root = Path(root)
     src = root / "dataset.json"
-    data = read_json(src)
+    data = read_json(src, finite=True)
     if not isinstance(data, dict) or not data:
         raise input_error(src, None, "a mapping of sample id -> {tools, files, dialogs, gt_answer}", type(data).__name__)
     redirects = pol.redirects()
@@ -251,10 +252,7 @@ def load_gta(root: str | Path, pol) -> list[dict]:
                         raise input_error(src, cw, "{name, arguments}", call)
                     args = fn.get("arguments", {})
                     if isinstance(args, str):
-                        try:
-                            args = json.loads(args)
-                        except json.JSONDecodeError:
-                            raise input_error(src, f"{cw}.arguments", "a JSON object", args) from None
+                        args = parse_json(args, src, f"{cw}.arguments", finite=True, expected="a JSON object")
                     if not isinstance(args, dict):
                         raise input_error(src, f"{cw}.arguments", "a JSON object", args)
                     name, inst = fn["name"], {}

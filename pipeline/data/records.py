@@ -19,6 +19,7 @@ import io
 import os
 import threading
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -173,11 +174,19 @@ class ImageStore:
                     raise input_error(self.root, "images", "a shard inside the dataset directory", ref)
                 if not p.exists():
                     raise input_error(p, "images", "an existing image shard", ref)
-                z = self._readers[shard] = zipfile.ZipFile(p)
+                try:
+                    z = self._readers[shard] = zipfile.ZipFile(p)
+                except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as e:
+                    raise input_error(p, "images", "an intact zip shard (regenerate the dataset)",
+                                      f"{type(e).__name__}: {e}") from None
             try:
                 return z.read(member)
             except KeyError:
                 raise input_error(self.root / shard, member, "an image in this shard", ref) from None
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as e:
+                # a flipped byte fails the member's CRC-32; a cut shard fails its headers
+                raise input_error(self.root / shard, member, "an intact image (regenerate the dataset)",
+                                  f"{type(e).__name__}: {e}") from None
 
     def open(self, ref: str):
         from PIL import Image

@@ -24,7 +24,6 @@ Where this departs from CLEVR (on purpose):
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -32,7 +31,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pipeline.io import input_error
+from pipeline.io import input_error, read_json
 
 # The CLEVR v1.0 vocabulary (properties.json), in the order policies and renderings use.
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
@@ -283,12 +282,9 @@ def import_clevr(root: str | os.PathLike, split: str, limit: int | None = None) 
     """
     root = Path(root)
     path = root / "scenes" / f"CLEVR_{split}_scenes.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise input_error(path, None, "a CLEVR v1.0 scenes file (is clevr_root the CLEVR_v1.0 directory?)") from None
-    except json.JSONDecodeError as e:
-        raise input_error(path, f"line {e.lineno}", "valid JSON", e.msg) from None
+    if not path.is_file():
+        raise input_error(path, None, "a CLEVR v1.0 scenes file (is clevr_root the CLEVR_v1.0 directory?)")
+    data = read_json(path, finite=True)
     scenes = data.get("scenes") if isinstance(data, dict) else None
     if not isinstance(scenes, list):
         raise input_error(path, "scenes", "a list of scenes", type(scenes).__name__)
@@ -309,5 +305,36 @@ def import_clevr(root: str | os.PathLike, split: str, limit: int | None = None) 
             raise input_error(path, f"{where}.image_filename", "an image path inside the dataset root", sc["image_filename"])
         if not img.is_file():
             raise input_error(path, f"{where}.image_filename", f"an existing image under {img_dir}", sc["image_filename"])
+        if not _looks_like_image(img):
+            raise input_error(path, f"{where}.image_filename", "an image file (PNG/JPEG)", sc["image_filename"])
         out.append({**sc, "image_path": str(img)})
     return out
+
+
+def _looks_like_image(path: Path) -> bool:
+    """PIL recognizes the file's header. Cheap (a few bytes, no decoding), so a whole CLEVR split
+    can be checked at import; :func:`read_clevr_image` decodes the images actually used."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path):
+            return True
+    except (UnidentifiedImageError, OSError, ValueError):
+        return False
+
+
+def read_clevr_image(scene: dict) -> bytes:
+    """The bytes of an imported scene's image, decoded once to prove they are an image."""
+    import io
+
+    from PIL import Image
+
+    path = Path(scene["image_path"])
+    data = path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image
+        raise input_error(path, "image_filename", "a decodable image (PNG/JPEG)",
+                          f"{type(e).__name__}: {e}") from None
+    return data

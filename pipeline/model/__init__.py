@@ -73,10 +73,13 @@ def load(path: str | os.PathLike, threads: int = 1, device: str | None = None,
 
 def save(model, processor, out_dir: str | os.PathLike) -> None:
     """Write a ``save_pretrained`` checkpoint (safetensors) + processor into ``out_dir``."""
+    from pipeline.io import disk_writes
+
     if hasattr(model, "merge_and_unload"):  # peft: ship merged weights, not base + adapter
         model = model.merge_and_unload()
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    processor.save_pretrained(str(out_dir))
+    with disk_writes(out_dir):
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+        processor.save_pretrained(str(out_dir))
 
 
 def generate_ids(model, processor, batch: dict, max_new_tokens: int = 256, do_sample: bool = False,

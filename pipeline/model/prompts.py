@@ -53,42 +53,63 @@ def format_response(cot: str, answer: str) -> str:
     return f"{BOX}{answer}}}"
 
 
-def _match_brace(text: str, start: int, json_strings: bool) -> int | None:
-    """Index of the ``}`` closing the ``{`` just before ``start``; None if it never closes."""
-    depth, i, in_str = 1, start, False
-    while i < len(text):
+def _closers(text: str, start: int, json_strings: bool) -> list[int]:
+    """For every position ``i >= start``: where a scan that begins at ``i`` outside any string,
+    at depth 1, meets its closing ``}`` (-1: never). Linear in the text.
+
+    The obvious scan from each ``\\boxed{`` is quadratic when boxes never close (a truncated or
+    hostile response of 4,000 unclosed boxes took ~30 s). Scans from different starts follow the
+    same lexer transitions, so one backward pass over (position, lexer state) answers them all:
+    outside a string ``}`` closes at once, ``{`` closes where the scan after it closes and then
+    continues, anything else defers to the next position. States: 0 outside a string, 1 inside
+    one, 2 the character after a backslash inside one (skipped). Plain matching (no strings) is
+    the same pass with state 0 only.
+    """
+    n = len(text)
+    out0 = [-1] * (n + 2)
+    if json_strings:
+        out1 = [-1] * (n + 2)  # in a string
+        out2 = [-1] * (n + 2)  # escaped character in a string
+    for i in range(n - 1, start - 1, -1):
         ch = text[i]
-        if in_str:
-            if ch == "\\":
-                i += 1  # skip the escaped character
-            elif ch == '"':
-                in_str = False
-        elif ch == '"' and json_strings:
-            in_str = True
+        if json_strings:
+            out2[i] = out1[i + 1]
+            out1[i] = out2[i + 1] if ch == "\\" else (out0[i + 1] if ch == '"' else out1[i + 1])
+        if ch == "}":
+            out0[i] = i
         elif ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return None
+            inner = out0[i + 1]
+            out0[i] = out0[inner + 1] if inner >= 0 else -1
+        elif ch == '"' and json_strings:
+            out0[i] = out1[i + 1]
+        else:
+            out0[i] = out0[i + 1]
+    return out0
 
 
 def _boxes(text: str) -> list[tuple[int, int]]:
-    """(start, end) spans of the contents of every complete top-level ``\\boxed{...}``."""
-    spans, pos = [], 0
+    """(start, end) spans of the contents of every complete top-level ``\\boxed{...}``.
+
+    Each box is matched JSON-aware first (``{"text": "a}"}``), plain if a stray quote never
+    closes; an unclosed box (a truncated generation) is skipped and the search goes on inside it.
+    """
+    first = text.find(BOX)
+    if first < 0:
+        return []
+    json_end = plain_end = None  # computed once, only for texts that have a box
+    spans, pos = [], first
     while True:
         k = text.find(BOX, pos)
         if k < 0:
             return spans
         start = k + len(BOX)
-        # JSON-aware matching first ({"text": "a}"}); plain matching if a stray quote never closes.
-        end = _match_brace(text, start, json_strings=True)
-        if end is None:
-            end = _match_brace(text, start, json_strings=False)
-        if end is None:
-            pos = start  # unclosed (e.g. truncated generation): look for a later complete box
+        if json_end is None:
+            json_end, plain_end = _closers(text, first, True), _closers(text, first, False)
+        end = json_end[start] if start < len(text) else -1
+        if end < 0:
+            end = plain_end[start] if start < len(text) else -1
+        if end < 0:
+            pos = start
             continue
         spans.append((start, end))
         pos = end + 1

@@ -67,10 +67,17 @@ def policy_from_spec(spec: Any, path: str | os.PathLike | None = None):
     raise input_error(where, "kind", "one of " + ", ".join(KINDS), kind)
 
 
+POLICY_SUFFIXES = (".yaml", ".yml")
+
+
 def policy_files(root: str | os.PathLike = "policies", kind: str | None = None) -> list[Path]:
+    """Every policy file under ``root`` (or ``root/<kind>``): ``*.yaml`` and ``*.yml`` alike, so
+    a file is never silently left out because of its spelling."""
     root = Path(root)
     sub = root / kind if kind else root
-    return sorted(p for p in sub.rglob("*.yaml") if p.is_file()) if sub.exists() else []
+    if not sub.exists():
+        return []
+    return sorted(p for p in sub.rglob("*") if p.suffix in POLICY_SUFFIXES and p.is_file())
 
 
 def load_policies(root: str | os.PathLike = "policies", kind: str | None = None) -> dict[str, Any]:

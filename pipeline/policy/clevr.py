@@ -62,6 +62,15 @@ COMBOS = all_combos()
 
 Conj = tuple[tuple[str, str], ...]  # a conjunction of attr=value facts, attr-sorted
 
+# The deepest admissible tree. On one root-to-leaf path every condition must leave both answers
+# possible: a "no" rules out one value of its attribute, and once one value is left a condition
+# on that attribute can no longer go both ways ("yes" fixes the attribute instead). So a path
+# asks about an attribute with n values at most n - 1 times; the sampler reaches this bound.
+MAX_DEPTH = sum(len(v) - 1 for v in ATTRIBUTES.values())
+DEPTH_WHY = (f"at most {MAX_DEPTH}: every condition must leave both answers possible, so one path can ask about "
+             "an attribute with n values at most n-1 times ("
+             + ", ".join(f"{ATTR_NOUN[a]} {len(v)}" for a, v in ATTRIBUTES.items()) + " values)")
+
 
 @dataclass(frozen=True)
 class Condition:
@@ -361,6 +370,8 @@ def _check_structure(nodes: list[Condition], index: dict[str, int], depth: int, 
     if orphans:
         raise input_error(where, f(orphans[0]), "a condition reachable from the root tree[0]", orphans[0])
     if max_depth != depth:
+        if depth > MAX_DEPTH:
+            raise input_error(where, "depth", DEPTH_WHY, depth)
         raise input_error(where, "depth", f"the actual depth of the tree ({max_depth} conditions on the longest path)",
                           depth)
 
@@ -389,6 +400,8 @@ def sample_policy(depth: int, rng: random.Random, name: str | None = None,
     """
     if depth < 1:
         raise input_error(None, "depth", "a positive integer", depth)
+    if depth > MAX_DEPTH:
+        raise input_error(None, "depth", DEPTH_WHY, depth)
 
     def build(level: int, pos: Conj, negs: list[Conj]):
         if level > depth:

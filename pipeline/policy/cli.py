@@ -41,8 +41,12 @@ def run_new(args) -> int:
     from pipeline.config import load_base
     from pipeline.policy.clevr import ClevrPolicy, sample_name, sample_policy
 
+    from pipeline.policy.clevr import DEPTH_WHY, MAX_DEPTH
+
     if args.depth < 1 or args.count < 1:
         raise input_error("--depth/--count", None, "positive integers", (args.depth, args.count))
+    if args.depth > MAX_DEPTH:
+        raise input_error("--depth", None, DEPTH_WHY, args.depth)
     seed = load_base(args.params).seed if args.seed is None else args.seed
     out = Path(args.out or f"policies/{args.kind}")
     taken = _names_under(out.parent) | _names_under(out)
@@ -113,9 +117,14 @@ def configure_list(parser) -> None:
 
 def run_list(args) -> int:
     rows, bad = [], 0
+    seen: dict[str, Path] = {}
     for f in policy_files(args.policies):
         try:
             pol = load_policy(f)
+            if pol.name in seen:  # the same refusal as load_policies (generate, train), so list agrees
+                raise input_error(f, "name", f"a name unique across policies/ (also used by {seen[pol.name]})",
+                                  pol.name)
+            seen[pol.name] = f
             rows.append((pol.name, pol.kind, pol.version, str(f)))
         except InputError as e:
             bad += 1

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.io import input_error, stable_hash
+from pipeline.io import input_error, parse_json, stable_hash
 
 OPS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 FIELD_TYPES = ("category", "integer", "number", "boolean")
@@ -268,8 +268,8 @@ def _parse_fields(raw, P) -> dict[str, Field]:
         if d["type"] == "category" and (not values or not all(isinstance(v, str) for v in values)):
             raise input_error(P, f"{where}.values", "a non-empty list of strings", d.get("values"))
         for k in ("min", "max"):
-            if d.get(k) is not None and (isinstance(d[k], bool) or not isinstance(d[k], (int, float))):
-                raise input_error(P, f"{where}.{k}", "a number", d[k])
+            if d.get(k) is not None and not _finite(d[k]):
+                raise input_error(P, f"{where}.{k}", "a finite number", d[k])
         out[name] = Field(name, d["source"], d["type"], values, d.get("min"), d.get("max"), d.get("default"),
                           d.get("label", name), d.get("label_false", ""))
     return out
@@ -323,8 +323,8 @@ def _parse_cond(field: Field, c, P, where):
     if not isinstance(c, dict) or not c or set(c) - set(OPS):
         raise input_error(P, where, "a range such as {gt: 250, le: 750}", c)
     for k, v in c.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise input_error(P, f"{where}.{k}", "a number", v)
+        if not _finite(v):
+            raise input_error(P, f"{where}.{k}", "a finite number", v)
     if ("gt" in c and "ge" in c) or ("lt" in c and "le" in c):
         raise input_error(P, where, "at most one lower and one upper bound", c)
     return dict(sorted(c.items()))
@@ -397,6 +397,11 @@ def _cond_holds(c, v) -> bool:
     return all({"gt": v > x, "ge": v >= x, "lt": v < x, "le": v <= x}[op] for op, x in c.items())
 
 
+def _finite(v) -> bool:
+    """A real number (bools are not numbers here), and not NaN or +-infinity."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
 def _leaf_matches(leaf: Leaf, point: dict) -> bool:
     return all(_cond_holds(c, point[f]) for f, c in leaf.conds)
 
@@ -409,8 +414,9 @@ def _check_value(fd: Field, v, where, P):
         if not isinstance(v, bool):
             raise input_error(P, where, "true or false", v)
     else:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (fd.type == "integer" and v != int(v)):
-            raise input_error(P, where, "an integer" if fd.type == "integer" else "a number", v)
+        # NaN compares false with every bound and int(NaN) raises: refuse it here, named
+        if not _finite(v) or (fd.type == "integer" and v != int(v)):
+            raise input_error(P, where, "an integer" if fd.type == "integer" else "a finite number", v)
         if (fd.min is not None and v < fd.min) or (fd.max is not None and v > fd.max):
             raise input_error(P, where, f"a value in [{fd.min}, {fd.max}]", v)
     return v
@@ -528,10 +534,7 @@ def run_resolve(args) -> int:
     pol = load_gta_policy(args.policy)
     parsed = {}
     for flag in ("profile", "instance"):
-        try:
-            parsed[flag] = json.loads(getattr(args, flag))
-        except json.JSONDecodeError as e:
-            raise input_error(f"--{flag}", None, "a JSON object", f"{e.msg}") from None
+        parsed[flag] = parse_json(getattr(args, flag), f"--{flag}", finite=True, expected="a JSON object")
         if not isinstance(parsed[flag], dict):
             raise input_error(f"--{flag}", None, "a JSON object", parsed[flag])
     res = pol.match(parsed["profile"], args.tool, parsed["instance"])

@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from pipeline.io import atomic_write_json, input_error, stable_hash
+from pipeline.io import atomic_write_json, disk_writes, input_error, read_json, stable_hash
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "infra" / "deepspeed"
 
@@ -158,10 +158,7 @@ def ds_config(cfg: TrainConfig, world_size: int) -> dict:
     path = CONFIG_DIR / f"{name}.json" if name in ("zero0", "zero1", "zero2", "zero3") else Path(name)
     if not path.is_file():
         raise input_error(path, "deepspeed", "zero0|zero2|zero3 or an existing DeepSpeed JSON file", name)
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise input_error(path, f"line {e.lineno}", "valid JSON", e.msg) from None
+    ds = read_json(path)
     bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     fill = {"train_micro_batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": cfg.grad_accum,
             "train_batch_size": cfg.batch_size * cfg.grad_accum * world_size, "gradient_clipping": cfg.max_grad_norm}
@@ -302,7 +299,15 @@ class Engine:
             # next run discard a complete checkpoint as "from a different run".
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.ckpt_dir / "fingerprint.json", {"fingerprint": self.fingerprint})
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state)
+        try:
+            with disk_writes(self.ckpt_dir / tag):
+                self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state)
+        except OSError:
+            # DeepSpeed commits 'latest' only after the tag is whole, so the previous checkpoint
+            # still resumes; the partial tag only takes the space a retry needs.
+            if self.is_main:
+                shutil.rmtree(self.ckpt_dir / tag, ignore_errors=True)
+            raise
         if self.is_main:
             for old in self.ckpt_dir.glob("step-*"):  # DS writes 'latest' after the tag: older tags can go
                 if old.name != tag and old.is_dir():
@@ -394,10 +399,10 @@ class TrainLog:
 # ----------------------------------------------------------------------------- supervised loop
 
 
-def plan(n_examples: int, cfg: TrainConfig, world_size: int) -> tuple[int, int]:
-    """(micro-batches per epoch per rank, total optimizer steps)."""
+def plan(n_examples: int, cfg: TrainConfig, world_size: int, source: str | None = None) -> tuple[int, int]:
+    """(micro-batches per epoch per rank, total optimizer steps); ``source`` names the data in errors."""
     if n_examples <= 0:
-        raise input_error(None, "data", "at least one training record", 0)
+        raise input_error(source, None if source else "data", "at least one training record", 0)
     per_epoch = math.ceil(n_examples / (cfg.batch_size * world_size))
     total = math.ceil(cfg.epochs * per_epoch / cfg.grad_accum)
     if cfg.max_steps > 0:

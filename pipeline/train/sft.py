@@ -22,13 +22,12 @@ Direct SFT LoRA r8, 2 epochs, lr 1e-4, batch 16x4. Tiny: full FT, lr 1e-3, batch
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-from pipeline.io import atomic_dir, atomic_write_json, input_error, stable_hash
+from pipeline.io import atomic_dir, atomic_write_json, input_error, read_json, stable_hash
 from pipeline.train.engine import TrainConfig
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -92,7 +91,7 @@ def read_dataset(data_dir: str | os.PathLike, file: str):
     if not d.is_dir():
         raise input_error(d, "--data", "an existing dataset directory (trimpi generate ...)")
     recs = read_records(d / file)
-    manifest = json.loads((d / "manifest.json").read_text()) if (d / "manifest.json").exists() else {}
+    manifest = read_json(d / "manifest.json") if (d / "manifest.json").exists() else {}
     return recs, ImageStore(d), manifest
 
 
@@ -124,6 +123,8 @@ def load_examples(data_dirs: list[str], file: str, direct: bool = False, policie
             if not direct and not r.cot:
                 raise input_error(Path(d) / file, f"{r.id}.cot", "a CoT (this stage trains on reasoning)", "")
             out.append(Example(r, store, pol, training_response(r, direct=direct)))
+    if not out:  # before the model is loaded, naming the files (not `<input>`)
+        raise input_error(", ".join(str(Path(d) / file) for d in data_dirs), None, "at least one training record", 0)
     return out
 
 
@@ -143,7 +144,7 @@ def collate_fn(processor, labels: str, with_policy: bool) -> Callable[[list[Exam
 
 def model_card(path: str | os.PathLike) -> dict:
     p = Path(path) / "model_card.json"
-    return json.loads(p.read_text()) if p.exists() else {}
+    return read_json(p) if p.exists() else {}
 
 
 def use_lora(mode: str, card: dict) -> bool:
@@ -194,7 +195,7 @@ def run_supervised(stage: str, cfg: TrainConfig, model_path: str, data_dirs: lis
     model.train()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
-    per_epoch, total = plan(len(examples), cfg, world)
+    per_epoch, total = plan(len(examples), cfg, world, source=", ".join(str(Path(d) / file) for d in data_dirs))
     ckpt = Path(ckpt_dir or f".trimpi/ckpt/{stage}-{stable_hash(str(Path(out).resolve()), 8)}")
     fp = _fingerprint(model_path, data_dirs, file, {"stage": stage, "labels": labels, "lora": lora})
     eng = Engine(model, cfg, total, ckpt, fingerprint=fp, seed=seed)
@@ -233,7 +234,10 @@ def run_supervised(stage: str, cfg: TrainConfig, model_path: str, data_dirs: lis
         card.update(stages=card.get("stages", []) + [stage], parent=str(model_path))
         with atomic_dir(out) as tmp:
             if lora:
-                export.save_pretrained(str(tmp / "adapter"))  # the adapter alone, for inspection
+                from pipeline.io import disk_writes
+
+                with disk_writes(tmp / "adapter"):
+                    export.save_pretrained(str(tmp / "adapter"))  # the adapter alone, for inspection
                 export = export.merge_and_unload()
             save(export, proc, tmp)
             log.copy_to(tmp / "train_log.csv")

@@ -164,7 +164,7 @@ def run_vision(stage: str, cfg, model_path: str, data: str, out: str, records: l
     dense = _head_module()(vision_tower(model), model.get_input_embeddings().embedding_dim)
     store = ImageStore(data)
     collate = collate_fn(proc, store)
-    per_epoch, total = plan(len(records), cfg, world)
+    per_epoch, total = plan(len(records), cfg, world, source=str(Path(data) / cfg.data_file))
     ckpt = Path(ckpt_dir or f".trimpi/ckpt/{stage}-{stable_hash(str(Path(out).resolve()), 8)}")
     eng = Engine(dense, cfg, total, ckpt, fingerprint=_fingerprint(model_path, [data], cfg.data_file,
                                                                    {"stage": stage, "objective": "vision"}), seed=seed)
