@@ -246,16 +246,25 @@ class ClevrPolicy:
     # -------------------------------------------------------------------- text
 
     def reasoning(self, scene: dict) -> str:
-        """Gold chain of thought: walks the tree citing condition ids; the last sentence states the case."""
+        """Gold chain of thought: walks the tree citing condition ids; the last sentence states the case.
+
+        The object named for a condition that holds is the one that also satisfies the most later
+        holding conditions of the path (the first in scene order among equals), so one object carries
+        the chain where it can: "is there a cube? Yes, a small brown rubber cube ..." then "is there a
+        rubber cube? Yes, a small brown rubber cube ...". Naming the first cube instead (a metal one)
+        taught the model chains that contradict themselves at the next step.
+        """
         case, path = self.evaluate(scene)
         parts = [f"I follow Policy: {self.name} from Condition {self.root}."]
-        for cid, holds in path:
+        for i, (cid, holds) in enumerate(path):
             q = self.question(cid)
             n = self.nodes[cid]
             nxt = n.if_true if holds else n.if_false
             go = f"the response is {nxt}" if nxt not in self.nodes else f"I go to Condition {nxt}"
             if holds:
-                obj = next(o for o in scene["objects"] if _holds(o, q))
+                later = [self.question(c) for c, h in path[i + 1:] if h]
+                obj = max((o for o in scene["objects"] if _holds(o, q)),
+                          key=lambda o: sum(_holds(o, q2) for q2 in later))  # max keeps the first of equals
                 full = tuple(sorted((a, obj[a]) for a in ATTRIBUTES))
                 parts.append(f"Condition {cid} asks: is there {describe(q)}? Yes, {describe(full)} is in the image, so {go}.")
             else:
