@@ -397,7 +397,8 @@ def test_user_benchmark_images_stay_in_their_folder(tmp_path, how):
 @pytest.mark.parametrize("how", ["absolute", "dotdot", "symlink"])
 def test_override_suite_refuses_specs_outside_the_dataset(tmp_path, how):
     from pipeline.evaluate import suites as S
-    from pipeline.policy import load_policies
+    from pipeline.data.records import open_dataset
+    from pipeline.policy import RenderCache, load_policies
 
     d = tmp_path / "clevr"
     assert main(["generate", "clevr", "--params", str(REPO / "params.yaml"), "--policies", str(REPO / "policies/clevr"),
@@ -419,12 +420,13 @@ def test_override_suite_refuses_specs_outside_the_dataset(tmp_path, how):
 
     class Never(S.Runner):
         def __init__(self):
-            self.model_dir, self.cfg, self.policies, self._rendered = "none", S.EvalConfig(), load_policies(REPO / "policies"), {}
+            self.model_dir, self.cfg, self.policies, self.render = "none", S.EvalConfig(), load_policies(REPO / "policies"), RenderCache()
+            self.budgets = {}
 
         def respond(self, ds, recs, policies, desc):
             raise AssertionError("nothing may reach the model")
 
-    ev = S.Evaluation(Never(), [S.open_dataset(d, "auto")], S.EvalConfig(), tmp_path / "preds")
+    ev = S.Evaluation(Never(), [open_dataset(d)], S.EvalConfig(), tmp_path / "preds")
     with pytest.raises(InputError, match=rf"override.jsonl: {rows[0]['id']}\.meta\.override_policy: expected a spec "
                                          "path inside the dataset"):
         ev.override()

@@ -339,24 +339,25 @@ class RLEngine:
 # ----------------------------------------------------------------------------- the stage
 
 
-def load_items(data_dirs: list[str], cfg: RLConfig):
-    """(items, stores, multimodal) from the ``--data`` dirs: items are (data dir, Record)."""
-    from pipeline.data.records import ImageStore, read_records
-    from pipeline.io import input_error, read_json
+def load_items(data_dirs: list[str], cfg: RLConfig, policies: dict):
+    """(items, stores, multimodal) from the ``--data`` dirs: items are (data dir, Record); every
+    record's policy is resolved up front (a stale record fails before any model is loaded)."""
+    from pipeline.data.records import open_dataset
+    from pipeline.io import input_error
+    from pipeline.policy import resolve_policy
 
     items, stores, multimodal = [], {}, {}
     for d in data_dirs:
-        path = Path(d) / cfg.data_file
-        recs = read_records(path)
+        ds = open_dataset(d, {"auto": None, "on": True, "off": False}[cfg.policy_multimodal])
+        path = ds.root / cfg.data_file
+        recs = ds.records(cfg.data_file)
         if cfg.max_prompts:
             recs = recs[:cfg.max_prompts]
-        stores[d] = ImageStore(d)
-        manifest = Path(d) / "manifest.json"
-        mm = read_json(manifest).get("multimodal", False) if manifest.exists() else False
-        multimodal[d] = {"auto": bool(mm), "on": True, "off": False}[cfg.policy_multimodal]
+        stores[d], multimodal[d] = ds.store, ds.multimodal
         for r in recs:
             if not r.policy:
                 raise input_error(path, f"record {r.id}.policy", "a policy name (RL needs it for PolicyRollout)", "")
+            resolve_policy(r, policies, path)
         items += [(d, r) for r in recs]
     if len(items) < cfg.rollout_batch:
         raise input_error(data_dirs[0], cfg.data_file, f"at least rl.rollout_batch={cfg.rollout_batch} prompts",
@@ -456,11 +457,12 @@ def train_rl(cfg: RLConfig, model_path: str, data_dirs: list[str], policies: str
 
     if freeze_vision(cfg.freeze_vision, model_card(model_path)):
         vision_tower(model).requires_grad_(False)
-    items, stores, multimodal = load_items(data_dirs, cfg)
+    pols = load_policies(policies)
+    items, stores, multimodal = load_items(data_dirs, cfg, pols)
     if not cfg.max_response_len:
         cfg = dataclasses.replace(cfg, max_response_len=response_budget_of(data_dirs, items, processor.tokenizer))
         print(f"rl: max_response_len {cfg.max_response_len} (longest gold response of the data + 25 %)")
-    prompts = PromptCache(processor, stores, load_policies(policies), multimodal)
+    prompts = PromptCache(processor, stores, pols, multimodal)
     items, skipped = filter_long(items, prompts, cfg)
     if len(items) < cfg.rollout_batch:
         raise input_error(data_dirs[0], "rl.max_prompt_len", f"at least {cfg.rollout_batch} prompts that fit",

@@ -83,46 +83,24 @@ class Example:
     response: str
 
 
-def read_dataset(data_dir: str | os.PathLike, file: str):
-    """(records, ImageStore, manifest) of one dataset dir; clear errors when files are missing."""
-    from pipeline.data.records import ImageStore, read_records
-
-    d = Path(data_dir)
-    if not d.is_dir():
-        raise input_error(d, "--data", "an existing dataset directory (trimpi generate ...)")
-    recs = read_records(d / file)
-    manifest = read_json(d / "manifest.json") if (d / "manifest.json").exists() else {}
-    return recs, ImageStore(d), manifest
-
-
 def load_examples(data_dirs: list[str], file: str, direct: bool = False, policies_root: str | None = None
                   ) -> list[Example]:
-    """Examples from every data dir; with ``policies_root`` each record carries its rendered policy."""
+    """Examples from every data dir; with ``policies_root`` each record carries its rendered policy
+    (resolved by name and version: stale data is refused)."""
+    from pipeline.data.records import open_dataset
     from pipeline.model.prompts import training_response
-    from pipeline.policy import load_policies
+    from pipeline.policy import RenderCache, load_policies, resolve_policy
 
     policies = load_policies(policies_root) if policies_root else {}
-    rendered: dict[tuple[str, bool], object] = {}
+    render = RenderCache()
     out: list[Example] = []
     for d in data_dirs:
-        recs, store, manifest = read_dataset(d, file)
-        multimodal = bool(manifest.get("multimodal", False))
-        for r in recs:
-            pol = None
-            if policies_root:
-                if r.policy not in policies:
-                    raise input_error(Path(d) / file, f"{r.id}.policy", f"a policy under {policies_root}", r.policy)
-                p = policies[r.policy]
-                if r.policy_version and r.policy_version != p.version:
-                    raise input_error(Path(d) / file, f"{r.id}.policy_version",
-                                      f"{p.version} (the current {p.path}; regenerate the data)", r.policy_version)
-                key = (r.policy, multimodal)
-                if key not in rendered:  # one render per policy: policy images are shared PIL objects
-                    rendered[key] = p.render(multimodal=multimodal)
-                pol = rendered[key]
+        ds = open_dataset(d)
+        for r in ds.records(file):
+            pol = render(resolve_policy(r, policies, ds.root / file), ds.multimodal) if policies_root else None
             if not direct and not r.cot:
-                raise input_error(Path(d) / file, f"{r.id}.cot", "a CoT (this stage trains on reasoning)", "")
-            out.append(Example(r, store, pol, training_response(r, direct=direct)))
+                raise input_error(ds.root / file, f"{r.id}.cot", "a CoT (this stage trains on reasoning)", "")
+            out.append(Example(r, ds.store, pol, training_response(r, direct=direct)))
     if not out:  # before the model is loaded, naming the files (not `<input>`)
         raise input_error(", ".join(str(Path(d) / file) for d in data_dirs), None, "at least one training record", 0)
     return out
