@@ -29,7 +29,6 @@ judge in ``judge.py``; prefill timing in ``efficiency.py``.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
