@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import get_dotted
 from pipeline.data.records import Dataset, Record, open_dataset, split_records
 from pipeline.evaluate import metrics as M
 from pipeline.evaluate.probes import probe_rows, probe_sets, dataset_key
@@ -432,6 +433,6 @@ def print_summary(metrics: dict, out: str) -> None:
             "efficiency.token_reduction_pct", "efficiency.prefill_reduction_pct"]
     print(f"evaluate: {metrics['model']} -> {out}")
     for k in keys:
-        v = M.get_dotted(metrics, k)
+        v = get_dotted(metrics, k)
         if v is not None:
             print(f"  {k:<34} {v}")
