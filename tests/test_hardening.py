@@ -427,7 +427,7 @@ def test_clevr_importer_checks_that_images_are_images(tmp_path):
     import shutil
 
     from pipeline.data.clevr_policy import GenerateClevrConfig, build
-    from pipeline.data.scenes import import_clevr
+    from pipeline.scenes import import_clevr
 
     root = tmp_path / "CLEVR_v1.0"
     shutil.copytree(FIXTURE, root)

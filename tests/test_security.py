@@ -365,7 +365,7 @@ def _outside_png(tmp_path: Path) -> Path:
 
 
 def test_clevr_importer_refuses_a_symlink_out_of_the_root(tmp_path):
-    from pipeline.data.scenes import import_clevr
+    from pipeline.scenes import import_clevr
 
     root = tmp_path / "CLEVR_v1.0"
     shutil.copytree(REPO / "tests" / "fixtures" / "clevr" / "CLEVR_v1.0", root)

@@ -79,7 +79,7 @@ class GenerateClevrConfig:
 
 
 def check_config(cfg: GenerateClevrConfig, params) -> None:
-    from pipeline.data.scenes import check_scene_settings
+    from pipeline.scenes import check_scene_settings
 
     sec = "generate_clevr"
     for f in ("train_per_policy", "cot_per_policy", "test_per_policy", "override_per_policy", "override_count"):
@@ -125,7 +125,7 @@ class _Builder:
         """(scene, image ref) pairs: scenes steered to leaves when balancing, rendered and stored."""
         import io
 
-        from pipeline.data.scenes import make_scene, render_scene, sample_scene
+        from pipeline.scenes import make_scene, render_scene, sample_scene
 
         cfg = self.cfg
         rng = random.Random(f"generate-clevr/{self.seed}/{policy.name}/{policy.version}/{split}")
@@ -154,7 +154,7 @@ class _Builder:
 
     def clevr(self, policy, split: str, n: int) -> list[tuple[dict, str]]:
         """(scene, image ref) pairs from real CLEVR, round-robin over the policy's leaves."""
-        from pipeline.data.scenes import import_clevr, read_clevr_image
+        from pipeline.scenes import import_clevr, read_clevr_image
 
         cfg = self.cfg
         csplit = cfg.clevr_train_split if split == "train" else cfg.clevr_test_split

@@ -46,13 +46,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline.data.records import ImageStore, Record, write_records
-from pipeline.data.scenes import ATTRIBUTES, all_combos, check_scene_settings, make_scene, render_scene
+from pipeline.scenes import (ATTR_NOUN, ATTRIBUTES, all_combos, check_scene_settings, describe, holds, make_scene, plural,
+                             render_scene)
 from pipeline.io import atomic_dir, atomic_write_json, input_error
 
 QTYPES = ("exist", "exist2", "attribute", "count", "objects", "text")
 IMAGE_QTYPES = QTYPES[:-1]
-ATTR_NOUN = {"shape": "shape", "color": "colour", "size": "size", "material": "material"}
-PHRASE_ORDER = ("size", "color", "material", "shape")
 COMBOS = all_combos()
 
 
@@ -83,24 +82,6 @@ class GenerateGenericConfig:
 
 
 # ----------------------------------------------------------------------------- words
-
-
-def describe(desc: dict[str, str], article: bool = True) -> str:
-    """``{"color": "red", "shape": "cube"}`` -> "a red cube"; ``{}`` -> "an object" (ClevrPolicy's wording)."""
-    words = [desc[a] for a in PHRASE_ORDER[:-1] if a in desc] + [desc.get("shape", "object")]
-    text = " ".join(words)
-    if not article:
-        return text
-    return ("an " if text[0] in "aeiou" else "a ") + text
-
-
-def plural(desc: dict[str, str]) -> str:
-    """"red cubes", "large objects", "spheres"."""
-    return describe(desc, article=False) + "s"
-
-
-def holds(obj: dict, desc: dict[str, str]) -> bool:
-    return all(obj.get(a) == v for a, v in desc.items())
 
 
 def _full(obj: dict) -> dict[str, str]:

@@ -47,12 +47,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.scenes import ATTRIBUTES, all_combos
+from pipeline.scenes import ATTR_NOUN, ATTRIBUTES, all_combos, describe, holds
 from pipeline.io import input_error, stable_hash
 from pipeline.policy import RenderedPolicy
 
-PHRASE_ORDER = ("size", "color", "material", "shape")  # "a small cyan metal cube"
-ATTR_NOUN = {"shape": "shape", "color": "colour", "size": "size", "material": "material"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 CASE_RE = re.compile(r"^Case [0-9]+$")
@@ -83,10 +81,6 @@ class Condition:
     if_false: str
 
 
-def _holds(obj: dict, conj: Conj) -> bool:
-    return all(obj.get(a) == v for a, v in conj)
-
-
 def _with(conj: Conj, attr: str, value: str) -> Conj:
     return tuple(sorted(conj + ((attr, value),)))
 
@@ -94,19 +88,9 @@ def _with(conj: Conj, attr: str, value: str) -> Conj:
 def _possible(pos: Conj, negs: list[Conj], not_also: Conj | None = None) -> dict | None:
     """A witness object satisfying ``pos``, no negative fact, and (if given) not ``not_also``."""
     for o in COMBOS:
-        if _holds(o, pos) and not any(_holds(o, n) for n in negs) and not (not_also and _holds(o, not_also)):
+        if holds(o, pos) and not any(holds(o, n) for n in negs) and not (not_also and holds(o, not_also)):
             return o
     return None
-
-
-def describe(conj: Conj, article: bool = True) -> str:
-    """``(('color','cyan'),('shape','cube'))`` -> "a cyan cube"; ``()`` -> "an object"."""
-    d = dict(conj)
-    words = [d[a] for a in PHRASE_ORDER[:-1] if a in d] + [d.get("shape", "object")]
-    text = " ".join(words)
-    if not article:
-        return text
-    return ("an " if text[0] in "aeiou" else "a ") + text
 
 
 class ClevrPolicy:
@@ -224,9 +208,9 @@ class ClevrPolicy:
         ref, path = self.root, []
         while ref in self.nodes:
             q = self.question(ref)
-            holds = any(_holds(o, q) for o in objs)
-            path.append((ref, holds))
-            ref = self.nodes[ref].if_true if holds else self.nodes[ref].if_false
+            yes = any(holds(o, q) for o in objs)
+            path.append((ref, yes))
+            ref = self.nodes[ref].if_true if yes else self.nodes[ref].if_false
         return ref, path
 
     def witness_objects(self, case: str, n: int, rng: random.Random) -> list[dict[str, str]]:
@@ -237,8 +221,8 @@ class ClevrPolicy:
         rejection sampling (rare leaves cost nothing extra).
         """
         pos, negs = self.context[case]
-        allowed = [o for o in COMBOS if not any(_holds(o, c) for c in negs)]
-        first = [o for o in allowed if _holds(o, pos)]
+        allowed = [o for o in COMBOS if not any(holds(o, c) for c in negs)]
+        first = [o for o in allowed if holds(o, pos)]
         objs = [dict(rng.choice(first))] + [dict(rng.choice(allowed)) for _ in range(n - 1)]
         rng.shuffle(objs)
         return objs
@@ -249,13 +233,13 @@ class ClevrPolicy:
         """Gold chain of thought: walks the tree citing condition ids; the last sentence states the case."""
         case, path = self.evaluate(scene)
         parts = [f"I follow Policy: {self.name} from Condition {self.root}."]
-        for cid, holds in path:
+        for cid, yes in path:
             q = self.question(cid)
             n = self.nodes[cid]
-            nxt = n.if_true if holds else n.if_false
+            nxt = n.if_true if yes else n.if_false
             go = f"the response is {nxt}" if nxt not in self.nodes else f"I go to Condition {nxt}"
-            if holds:
-                obj = next(o for o in scene["objects"] if _holds(o, q))
+            if yes:
+                obj = next(o for o in scene["objects"] if holds(o, q))
                 full = tuple(sorted((a, obj[a]) for a in ATTRIBUTES))
                 parts.append(f"Condition {cid} asks: is there {describe(q)}? Yes, {describe(full)} is in the image, so {go}.")
             else:
@@ -267,10 +251,10 @@ class ClevrPolicy:
         """The exact in-context policy: general instruction, name, one section per condition.
 
         Multimodal (-M): every other condition (in depth-first order, starting with the root)
-        shows its own attribute value as an icon (:func:`pipeline.data.scenes.attribute_icon`)
+        shows its own attribute value as an icon (:func:`pipeline.scenes.attribute_icon`)
         instead of a word; values inherited from the context stay words.
         """
-        from pipeline.data.scenes import attribute_icon
+        from pipeline.scenes import attribute_icon
 
         parts: list[Any] = []
 

@@ -159,8 +159,8 @@ def caption_hits(text: str, scene: dict) -> dict[str, list[int]]:
     Objects missing from the list count as misses; extra ones are ignored."""
     import re
 
-    from pipeline.data.generic_qa import PHRASE_ORDER, _left_to_right
-    from pipeline.data.scenes import ATTRIBUTES
+    from pipeline.data.generic_qa import _left_to_right
+    from pipeline.scenes import ATTRIBUTES, PHRASE_ORDER
 
     alt = {a: "|".join(ATTRIBUTES[a]) for a in PHRASE_ORDER}
     pat = re.compile(r"\ban? " + " ".join(f"({alt[a]})" for a in PHRASE_ORDER) + r"\b")

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.data.scenes import ATTRIBUTES, object_radius
+from pipeline.scenes import ATTRIBUTES, object_radius
 from pipeline.io import input_error
 
 # One output per attribute value, then "an object covers this token".
