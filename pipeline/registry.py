@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import flatten, get_dotted
-from pipeline.io import TransientError, atomic_write_json, dump_yaml, input_error, parse_json, read_json
+from pipeline.io import TransientError, atomic_write_json, dump_yaml, file_hash, input_error, parse_json, read_json
 from pipeline.storage import NotFound, Storage, open_storage
 
 VERSION_RE = re.compile(r"^v(\d+)$")
@@ -87,14 +87,6 @@ def _num(version: str | None) -> int:
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -171,7 +163,7 @@ class Registry:
         with atomic_dir(dest) as tmp:
             for rel, info in files.items():
                 self.s.get_file(self._k(v, "model", rel), tmp / rel)
-                if sha256_file(tmp / rel) != info["sha256"]:
+                if file_hash(tmp / rel, None) != info["sha256"]:
                     raise input_error(self.s.where(self._k(v, "model", rel)), "sha256", info["sha256"], "a different hash")
         return Path(dest)
 
@@ -246,7 +238,7 @@ class Registry:
         """
         model_dir = Path(model_dir)
         files = model_files(model_dir)
-        manifest = {rel: {"sha256": sha256_file(model_dir / rel), "size": (model_dir / rel).stat().st_size}
+        manifest = {rel: {"sha256": file_hash(model_dir / rel, None), "size": (model_dir / rel).stat().st_size}
                     for rel in files}
         content = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
         from tqdm import tqdm
@@ -379,7 +371,6 @@ def scrub(obj: Any) -> Any:
 
 def build_card(params_path: str, policies_dir: str | None, data_dirs: list[str], model_dir: str) -> dict:
     from pipeline.config import read_params
-    from pipeline.io import file_hash
 
     policies = []
     if policies_dir and Path(policies_dir).exists():

@@ -198,7 +198,7 @@ def _phase_examples(data: str, cfg: BaseTrainConfig, phase: Phase):
 def train_base(cfg: BaseTrainConfig, model: str, data: str, out: str, seed: int = 0, threads: int = 1,
                ckpt_dir: str | None = None, on_step=None, params="params.yaml") -> dict:
     """Library entry point of the stage (the CLI and the tests call this); returns the metrics."""
-    from pipeline.model.presets import random_vision_tower
+    from pipeline.model.presets import from_scratch
     from pipeline.train.runner import model_card, run_supervised
 
     check_config(cfg, params)
@@ -207,7 +207,7 @@ def train_base(cfg: BaseTrainConfig, model: str, data: str, out: str, seed: int 
     if not (Path(data) / cfg.data_file).exists():
         raise input_error(Path(data) / cfg.data_file, "--data", "a generic QA dataset (trimpi generate generic)")
     card = model_card(model)
-    if cfg.skip_pretrained and not random_vision_tower(card):
+    if cfg.skip_pretrained and not from_scratch(card, "vision"):
         return _pass_through(model, out, card)
 
     # Each phase writes a checkpoint dir under <out>.phases/, keyed by everything that determines it

@@ -94,11 +94,11 @@ def model_card(path: str | os.PathLike) -> dict:
 def use_lora(mode: str, card: dict) -> bool:
     """``lora: on|off`` as said; ``auto``: LoRA unless the language model started from random weights,
     where LoRA was measured to learn only the answer template (embeddings and head stay random)."""
-    from pipeline.model.presets import random_language_model
+    from pipeline.model.presets import from_scratch
 
     if mode in ("on", "off"):
         return mode == "on"
-    return not random_language_model(card)
+    return not from_scratch(card, "language")
 
 
 def freeze_vision_if(model, setting: bool | None, model_path: str) -> None:
