@@ -16,7 +16,8 @@ Why our own loop rather than TRL's GRPOTrainer: TRL treats injected completions 
 (its old log-probs are the sampling ones, i.e. the WITH-policy prompt for the PoRo half) and its
 ``rollout_func`` drops structured images, so an exact PolicyRollout needed surgery in
 ``_generate`` and ``_compute_loss`` (environment-notes §3.3). This file is the whole algorithm
-instead, and every number in the loss has one obvious origin.
+instead, and every number in the loss has one obvious origin. Without PolicyRollout the loss is
+TRL's: ``tests/test_rl_reference.py`` checks loss and gradient against ``GRPOTrainer._compute_loss``.
 
 Where this departs from textbook GRPO (DeepSeekMath) and DAPO, on purpose:
 
