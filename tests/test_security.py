@@ -219,7 +219,7 @@ def test_reinternalize_flow_with_s3_registry_leaks_no_credentials(dvc_repo, pref
 @pytest.mark.slow
 def test_dev_s3_server_keeps_the_keys_out_of_its_data_and_log(tmp_path, monkeypatch):
     from pipeline.registry import Registry
-    from pipeline.s3server import S3Server
+    from s3server import S3Server
     from pipeline.storage import open_storage
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
@@ -239,7 +239,7 @@ def test_make_s3_banner_does_not_echo_the_users_keys(tmp_path):
 
     env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
            "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.s3server", "--dir", str(tmp_path / "s3"), "--port",
+    proc = subprocess.Popen([sys.executable, str(REPO / "infra" / "s3server.py"), "--dir", str(tmp_path / "s3"), "--port",
                              str(_free_port()), "--bucket", "banner"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=REPO)
     banner = []
