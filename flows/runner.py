@@ -26,7 +26,8 @@ Decisions worth knowing:
   restored before that stage runs next.
 * **Failure kinds** (what the flow retries): DVC exits 255 for any failed stage and prints
   ``exited with N``; the stage's own code N decides, never its output text. N = 1 (a check
-  failed: validation, gate) or 2 (bad input) is **deterministic**, never retried. N = 75
+  failed: validation, gate), 2 (bad input) or 70 (an unexpected exception: a bug) is
+  **deterministic**, never retried. N = 75
   (``EX_TEMPFAIL``: ``trimpi`` exits so on a :class:`pipeline.io.TransientError`, e.g. storage
   unreachable after its retry budget), death by a signal or any other code is **transient** and
   retried with back-off. Only when DVC failed on its own (``dvc pull``/``push``, no stage ran) is
@@ -53,7 +54,7 @@ from typing import Callable
 
 from pipeline.io import EX_TEMPFAIL, atomic_write_json, input_error, read_json
 
-DETERMINISTIC_CODES = (1, 2)
+DETERMINISTIC_CODES = (1, 2, 70)  # a check failed, bad input, a crash (pipeline.io.EX_SOFTWARE)
 # DVC's own failures (pull/push, its repo lock) that a later attempt can get past. Read only
 # when no stage ran: a stage says what it means with its exit code.
 DVC_TRANSIENT = re.compile(
@@ -102,11 +103,16 @@ class StageResult:
     log_tail: list[str] = dataclasses.field(default_factory=list)
 
 
+CHECK_FAILED = "a check failed"
+
+
 class StageFailed(RuntimeError):
     """A stage (or dvc command) failed; ``transient`` says whether retrying may help."""
 
     def __init__(self, what: str, code: int | None, transient: bool, tail: list[str], reason: str = ""):
         self.what, self.code, self.transient, self.tail = what, code, transient, tail
+        self.check_failed = reason.startswith(CHECK_FAILED)
+        """The stage ran to the end and reported a failed check (validation, gate): its report is the news."""
         kind = "transient" if transient else "deterministic"
         last = "\n".join(tail[-15:])
         super().__init__(f"{what} failed ({kind}: {reason or f'exit {code}'})\n{last}")
@@ -272,7 +278,7 @@ def classify(code: int, tail: list[str]) -> tuple[bool, str]:
     if rc == EX_TEMPFAIL:
         return True, "transient failure (retry later), exit 75"
     if rc in DETERMINISTIC_CODES:
-        return False, ("a check failed" if rc == 1 else "bad input") + f", exit {rc}"
+        return False, {1: CHECK_FAILED, 2: "bad input", 70: "crashed"}[rc] + f", exit {rc}"
     return True, f"exit {rc}" + (" (killed by a signal)" if rc < 0 or rc > 128 else "")
 
 
@@ -471,8 +477,11 @@ def _locked(root: Path, stage: str) -> bool:
     return isinstance(data, dict) and stage in (data.get("stages") or {})
 
 
-def restore_outputs(root: str | os.PathLike, stage: str, on_line: Callable[[str], None]) -> None:
-    """Put ``stage``'s outputs back as they were before it ran (see the module docstring)."""
+def restore_outputs(root: str | os.PathLike, stage: str, on_line: Callable[[str], None],
+                    keep_reports: bool = False) -> None:
+    """Put ``stage``'s outputs back as they were before it ran (see the module docstring).
+
+    ``keep_reports``: leave the uncached outputs (metrics, reports) as the failed run wrote them."""
     root = Path(root)
     backup = _backup_dir(root, stage)
     if not (backup / "outs.json").exists():
@@ -482,7 +491,7 @@ def restore_outputs(root: str | os.PathLike, stage: str, on_line: Callable[[str]
     saved = json.loads((backup / "outs.json").read_text())
     outs = stage_outputs(root, stage)
     for path, cached in outs:
-        if cached:
+        if cached or keep_reports:
             continue
         target = root / path
         _remove(target)
@@ -517,7 +526,10 @@ def preserved_outputs(root: str | os.PathLike, stage: str, on_line: Callable[[st
     atomic_write_json(backup / "outs.json", saved)  # last: marks the backup complete
     try:
         yield
-    except BaseException:
-        restore_outputs(root, stage, on_line)
+    except BaseException as e:
+        # A refused gate or a failed validation exits 1 after writing its verdict: putting the
+        # previous (passing) gate.json back would hide why the run stopped. Killed, crashed or
+        # timed-out stages get everything back.
+        restore_outputs(root, stage, on_line, keep_reports=isinstance(e, StageFailed) and e.check_failed)
         raise
     shutil.rmtree(backup, ignore_errors=True)

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of this command's params section (repeatable)")
-    from pipeline.io import EX_TEMPFAIL, InputError, TransientError, os_error_line
+    from pipeline.io import EX_SOFTWARE, EX_TEMPFAIL, InputError, TransientError, os_error_line
 
     try:
         mod = importlib.import_module(mod_name)
@@ -101,15 +101,19 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        line = os_error_line(e)
-        if line is None:
-            raise
-        print(f"error: {line}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the one place that turns a crash into its own exit code
+        line = os_error_line(e) if isinstance(e, OSError) else None
+        if line is not None:
+            print(f"error: {line}", file=sys.stderr)
+            return 2
+        import traceback
+
+        traceback.print_exc()
+        print(f"error: unexpected {type(e).__name__} (a bug; exit {EX_SOFTWARE})", file=sys.stderr)
+        return EX_SOFTWARE
     return int(rc or 0)
 
 

@@ -35,6 +35,9 @@ from typing import Any, Iterable, Iterator
 
 EX_TEMPFAIL = 75
 """Exit code of a transient failure (BSD sysexits ``EX_TEMPFAIL``: "try again later")."""
+EX_SOFTWARE = 70
+"""Exit code of an unexpected exception (sysexits ``EX_SOFTWARE``): a bug, not a failed check. Exit 1 is
+kept for "a check failed" (validation, gate), so the flow can tell the two apart."""
 
 MAX_DOCUMENT_CHARS = 16 << 20
 """Largest YAML document read (policies and params are kilobytes; more is not ours)."""

@@ -143,3 +143,14 @@ def test_unwritable_output_is_a_clear_error_and_keeps_old_output(tmp_path, capsy
     assert rc == 2
     assert "previous outputs are intact" in capsys.readouterr().err
     assert out.read_text() == "old"
+
+
+def test_an_unexpected_exception_exits_70_not_1(monkeypatch, capsys):
+    """Exit 1 means 'a check failed' (gate, validation); a bug must not read as a verdict."""
+    import pipeline.policy.cli as pc
+
+    def boom(args):
+        raise ZeroDivisionError("x")
+    monkeypatch.setattr(pc, "run_list", boom)
+    assert main(["policy", "list"]) == 70
+    assert "unexpected ZeroDivisionError" in capsys.readouterr().err

@@ -81,6 +81,7 @@ def test_stage_order_is_topological_with_declaration_order_on_ties(dvc_repo):
     (255, ["ERROR: failed to reproduce 'validate': failed to run: trimpi validate, exited with 1"], False),
     (255, ["ERROR: failed to reproduce 'x': failed to run: trimpi x, exited with 2"], False),
     (255, ["ERROR: failed to reproduce 'x': failed to run: x, exited with 75"], True),
+    (255, ["ERROR: failed to reproduce 'x': failed to run: trimpi x, exited with 70"], False),  # a crash
     (255, ["ERROR: failed to reproduce 'x': failed to run: x, exited with -9"], True),
     # the exit code decides (issue 16 item 3): storage unreachable exits 75, whatever the text says
     (255, ["promote: s3://b/p: put failed after 5 attempts (last error: EndpointConnectionError)",

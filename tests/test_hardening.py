@@ -864,13 +864,15 @@ if mode == "sleep":
     open("started", "w").write(str(os.getpid()))
     time.sleep(600)
 if mode == "fail":
-    sys.exit(1)
+    sys.exit(70)  # a crash (trimpi's exit code for an unexpected exception)
 os.makedirs("models/m", exist_ok=True)
 os.makedirs("metrics", exist_ok=True)
 os.makedirs("reports/preds", exist_ok=True)
-open("models/m/model.safetensors", "w").write("weights " + version)
 open("metrics/m.json", "w").write('{"v": %s}' % version)
 open("reports/preds/p.jsonl", "w").write("pred " + version)
+if mode == "check":
+    sys.exit(1)  # a failed check (gate, validation) after writing its report
+open("models/m/model.safetensors", "w").write("weights " + version)
 """
 
 RESTORE_DVC = """stages:
@@ -921,6 +923,21 @@ def test_failed_or_timed_out_stage_gets_its_previous_outputs_back(restore_ws):
         runner.repro_stage(ws, "train", lambda line: None, timeout=10)
     assert (ws / "started").exists()                  # it was killed while running
     assert _outputs(ws) == before
+
+
+def test_a_failed_check_keeps_its_report_and_restores_the_rest(restore_ws):
+    """Exit 1 is a verdict (a refused gate): the report it wrote is why the run stopped, so it stays;
+    cached outputs (models) still come back."""
+    from flows import runner
+
+    ws, before = restore_ws
+    (ws / "params.yaml").write_text("train: {mode: check, v: 3}\n")
+    with pytest.raises(runner.StageFailed) as e:
+        runner.repro_stage(ws, "train", lambda line: None)
+    assert e.value.check_failed and not e.value.transient
+    after = _outputs(ws)
+    assert after["metrics/m.json"] == b'{"v": 3}' and after["reports/preds/p.jsonl"] == b"pred 3"
+    assert after["models/m/model.safetensors"] == before["models/m/model.safetensors"]
 
 
 RUN_STAGE = """
