@@ -83,10 +83,7 @@ def production(root: str | os.PathLike, params_file: str | os.PathLike) -> dict 
 
 def check(root: str | os.PathLike, params: dict, params_file: str | os.PathLike, watch: list[str]) -> ChangeCheck:
     current = fingerprint(root, params, watch)
-    try:
-        prod = production(root, params_file)
-    except ImportError:  # the registry module is part of a later stage of the project
-        return ChangeCheck(True, "no registry yet: running everything", current)
+    prod = production(root, params_file)
     if prod is None:
         return ChangeCheck(True, "no production model yet", current)
     trained = card_fingerprint(prod["card"], watch)
