@@ -59,9 +59,10 @@ COMBOS = all_combos()
 class GenerateGenericConfig:
     """``params.yaml: generate_generic`` — sizes and scene settings of the generic QA set."""
 
-    train: dict[str, int] = field(default_factory=lambda: {"exist": 6000, "exist2": 6000, "attribute": 2000,
-                                                           "count": 2000, "text": 2000})
-    """Training records per question type (each image question has its own image)."""
+    train: dict[str, int] = field(default_factory=lambda: {"exist": 4000, "exist2": 4000, "attribute": 2000,
+                                                           "count": 1000, "objects": 6000, "text": 1000})
+    """Training records per question type (each image question has its own image); object lists teach
+    attributes fastest (PERCEPTION.md §6)."""
     test_per_qtype: int = 100
     """Held-out records per question type (test.jsonl = the forgetting probe set)."""
     image_size: int = 128
@@ -71,8 +72,8 @@ class GenerateGenericConfig:
     object_scale_max: float = 0.0
     """Training scenes draw their object scale uniformly in [object_scale, object_scale_max] (0 = all at
     object_scale); test scenes always use object_scale. Larger objects bootstrap perception (PERCEPTION.md)."""
-    min_objects: int = 3
-    """Fewest objects per scene."""
+    min_objects: int = 1
+    """Fewest objects per scene (1-2-object scenes feed the first curriculum phase of ``train base``)."""
     max_objects: int = 6
     """Most objects per scene."""
     hard_negative_share: float = 0.5

@@ -51,7 +51,7 @@ class EvalConfig:
     """Suites to run (any of main, in_context, override, referral, forgetting, efficiency)."""
     batch_size: int = 8
     """Conversations per generate call."""
-    max_new_tokens: int = 0
+    max_new_tokens: int = 192
     """Response budget; 0 = derived from the data: the longest gold response of the records being
     evaluated + 25 % (``prompts.response_budget``), recorded per suite in ``decoding.max_new_tokens``.
     A fixed number cuts longer CoTs (depth 6) before ``\\boxed{}``, which then score as malformed."""

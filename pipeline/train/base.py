@@ -74,7 +74,17 @@ class BaseTrainConfig(TrainConfig):
 
     lr: float = 2e-3
     """Peak learning rate (full fine-tune of a random tiny model)."""
-    phases: list[Phase] = field(default_factory=lambda: [Phase(objective="vision", epochs=2.0, batch_size=32)])
+    warmup_ratio: float = 0.05
+    """Fraction of each phase's optimizer steps with linear warm-up."""
+    save_every: int = 100
+    """Checkpoint every N optimizer steps (resume after an interruption)."""
+    phases: list[Phase] = field(default_factory=lambda: [
+        # the tower alone, per-token scene-graph labels (PERCEPTION.md §8)
+        Phase(objective="vision", epochs=2.0, batch_size=32),
+        # attributes on easy scenes first
+        Phase(qtypes=["objects", "attribute"], epochs=2.0, max_objects=2, freeze_vision=True),
+        # everything; language-model gradients would erase the tower's features (§8)
+        Phase(epochs=1.0, freeze_vision=True)])
     """The curriculum, in order; ``epochs`` of the section is ignored when phases are given."""
     data_file: str = "train.jsonl"
     """Records file inside --data."""

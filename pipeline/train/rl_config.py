@@ -65,8 +65,8 @@ class RLConfig:
     """Nucleus sampling. Paper: not given (EasyR1 0.99)."""
     max_prompt_len: int = 2048
     """Prompts (the policy-aware one included) longer than this many tokens are skipped and counted."""
-    max_response_len: int = 0
-    """Max new tokens per response; 0 = derived from the data: the longest gold CoT response of the
+    max_response_len: int = 128
+    """Max new tokens per response (tiny CoT + answer is ~100); 0 = derived from the data: the longest gold CoT response of the
     ``--data`` dirs' ``cot.jsonl`` + 25 % (``prompts.response_budget``; depth 2 ~120, depth 6 ~330 on the
     tiny tokenizer), recorded in metrics.json. A response cut before ``\\boxed{}`` scores 0 accuracy.
     Paper: not given (EasyR1 2048)."""
