@@ -47,7 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.scenes import ATTR_NOUN, ATTRIBUTES, all_combos, describe, holds
+from pipeline.scenes import ATTR_NOUN, ATTRIBUTES, all_combos, describe
+from pipeline.scenes import holds as _holds  # a local `holds` (a condition's truth) is common below
 from pipeline.io import input_error, stable_hash
 from pipeline.policy import RenderedPolicy
 
@@ -88,7 +89,7 @@ def _with(conj: Conj, attr: str, value: str) -> Conj:
 def _possible(pos: Conj, negs: list[Conj], not_also: Conj | None = None) -> dict | None:
     """A witness object satisfying ``pos``, no negative fact, and (if given) not ``not_also``."""
     for o in COMBOS:
-        if holds(o, pos) and not any(holds(o, n) for n in negs) and not (not_also and holds(o, not_also)):
+        if _holds(o, pos) and not any(_holds(o, n) for n in negs) and not (not_also and _holds(o, not_also)):
             return o
     return None
 
@@ -208,9 +209,9 @@ class ClevrPolicy:
         ref, path = self.root, []
         while ref in self.nodes:
             q = self.question(ref)
-            yes = any(holds(o, q) for o in objs)
-            path.append((ref, yes))
-            ref = self.nodes[ref].if_true if yes else self.nodes[ref].if_false
+            holds = any(_holds(o, q) for o in objs)
+            path.append((ref, holds))
+            ref = self.nodes[ref].if_true if holds else self.nodes[ref].if_false
         return ref, path
 
     def witness_objects(self, case: str, n: int, rng: random.Random) -> list[dict[str, str]]:
@@ -221,8 +222,8 @@ class ClevrPolicy:
         rejection sampling (rare leaves cost nothing extra).
         """
         pos, negs = self.context[case]
-        allowed = [o for o in COMBOS if not any(holds(o, c) for c in negs)]
-        first = [o for o in allowed if holds(o, pos)]
+        allowed = [o for o in COMBOS if not any(_holds(o, c) for c in negs)]
+        first = [o for o in allowed if _holds(o, pos)]
         objs = [dict(rng.choice(first))] + [dict(rng.choice(allowed)) for _ in range(n - 1)]
         rng.shuffle(objs)
         return objs
@@ -233,13 +234,13 @@ class ClevrPolicy:
         """Gold chain of thought: walks the tree citing condition ids; the last sentence states the case."""
         case, path = self.evaluate(scene)
         parts = [f"I follow Policy: {self.name} from Condition {self.root}."]
-        for cid, yes in path:
+        for cid, holds in path:
             q = self.question(cid)
             n = self.nodes[cid]
-            nxt = n.if_true if yes else n.if_false
+            nxt = n.if_true if holds else n.if_false
             go = f"the response is {nxt}" if nxt not in self.nodes else f"I go to Condition {nxt}"
-            if yes:
-                obj = next(o for o in scene["objects"] if holds(o, q))
+            if holds:
+                obj = next(o for o in scene["objects"] if _holds(o, q))
                 full = tuple(sorted((a, obj[a]) for a in ATTRIBUTES))
                 parts.append(f"Condition {cid} asks: is there {describe(q)}? Yes, {describe(full)} is in the image, so {go}.")
             else:
