@@ -217,6 +217,8 @@ def run_run(args) -> int:
     else:
         print(f"reinternalize: FAILED: {str(result).splitlines()[0] if str(result) else type(result).__name__}")
     print(f"  report:   {summary}" if summary.exists() else "  report:   (none written)")
+    if summary.exists():
+        print("\n".join("  " + line for line in stage_table(summary.read_text())))
     for rel in ("metrics/eval.json", "metrics/gate.json", "reports/results.md"):
         if (root / rel).exists():
             print(f"  results:  {root / rel}")
@@ -225,6 +227,27 @@ def run_run(args) -> int:
         print(f"  history:  `trimpi ui`, then open http://{DEFAULT_UI[0]}:{DEFAULT_UI[1]} (runs are kept in "
               f"{os.environ['PREFECT_HOME']})")
     return 0 if state.is_completed() else 1
+
+
+def stage_table(summary_md: str) -> list[str]:
+    """The summary's per-stage table (status and wall time of every stage) with a total line, for the
+    console: where the run's time went, without opening the report."""
+    lines = summary_md.splitlines()
+    if "## Stages" not in lines:
+        return []
+    start = lines.index("## Stages") + 2
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    total = 0.0
+    for row in table[2:]:
+        try:
+            total += float(row.strip("|").split("|")[2])
+        except (IndexError, ValueError):
+            pass
+    return table + [f"| total | | {total:.0f} |"] if table else []
 
 
 def _production_line(root: Path, params: str) -> str:
