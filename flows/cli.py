@@ -135,13 +135,10 @@ def start_server(host: str, port: int, wait: float = 180.0, log_path: Path | Non
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    """A Prefect server or worker: its group gets 30 s after SIGTERM (SQLite and the API shut down)."""
+    from flows.runner import stop_group
+
+    stop_group(proc, grace=30)
 
 
 def _sigterm_as_interrupt() -> None:

@@ -1,4 +1,4 @@
-"""Regenerate ``reports/results.md``: every method of the paper's main table, over several seeds.
+"""Every method of the paper's main table, over several seeds: ``reports/runs/results.md``.
 
     .venv/bin/python scripts/results.py --seeds 0 1 2            # all methods, 3 seeds
     .venv/bin/python scripts/results.py --seeds 0 --methods cot_sft,trimpi_poro_grpo
@@ -12,7 +12,8 @@ seed changes training (init of LoRA/optimizer state, batch order, RL sampling).
 
 Why a script and not DVC stages: the production graph (``dvc.yaml``) trains one model and
 gates it; a full comparison is ~9 extra trainings per seed and belongs to a results run, not
-to every policy change. Each step is skipped when its output already exists, so an interrupted
+to every policy change. Its table is written beside its runs (``--work``), never to
+``reports/results.md``, which belongs to the ``report`` stage (one seed, ``params.yaml: ablations``). Each step is skipped when its output already exists, so an interrupted
 run continues where it stopped.
 
 Methods (paper Table 2 rows; ``from`` = the checkpoint it starts from):
@@ -92,9 +93,10 @@ def main() -> None:
     p.add_argument("--base", default="models/base", help="start checkpoint (default models/base, else models/init)")
     p.add_argument("--policies", default="policies")
     p.add_argument("--work", default="reports/runs")
-    p.add_argument("--out", default="reports/results.md")
+    p.add_argument("--out", default=None, help="the table (default: <work>/results.md)")
     a = p.parse_args()
 
+    a.out = a.out or f"{a.work}/results.md"
     keys = [k.strip() for k in a.methods.split(",") if k.strip()]
     unknown = [k for k in keys if k not in METHODS]
     if unknown:

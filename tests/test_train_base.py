@@ -122,7 +122,7 @@ def test_phase_max_objects_keeps_only_easy_scenes(setup):
 
 
 def test_token_targets_follow_the_scene_graph():
-    from pipeline.data.scenes import ATTRIBUTES
+    from pipeline.scenes import ATTRIBUTES
     from pipeline.train.vision import TARGETS, token_targets
 
     def obj(x, y, **attrs):

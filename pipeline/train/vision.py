@@ -30,8 +30,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.data.scenes import ATTRIBUTES, object_radius
-from pipeline.io import atomic_dir, atomic_write_json, input_error, stable_hash
+from pipeline.scenes import ATTRIBUTES, object_radius
+from pipeline.io import input_error
 
 # One output per attribute value, "an object covers this token", then one per pair of values of two
 # attribute types ("cube+rubber"): an existence condition with two properties ("is there a rubber
@@ -168,45 +168,26 @@ def evaluate(dense, collate, records, batch_size: int = 32) -> dict:
 def run_vision(stage: str, cfg, model_path: str, data: str, out: str, records: list, eval_records: list,
                seed: int, threads: int = 1, ckpt_dir: str | None = None, on_step=None) -> dict:
     """Train the vision tower of ``model_path`` on ``records``' scene graphs; write checkpoint ``out``."""
-    import torch
-
     from pipeline.data.records import ImageStore
-    from pipeline.model import load, save, set_threads, vision_tower
-    from pipeline.train.engine import Engine, TrainLog, fit, plan, setup_distributed
-    from pipeline.train.sft import _fingerprint, model_card
+    from pipeline.model import load, vision_tower
+    from pipeline.train.runner import export_checkpoint, fingerprint, loss_summary, start, train_loop
 
-    set_threads(threads)
-    _, world = setup_distributed()
-    torch.manual_seed(seed)
+    _, world = start(threads, seed)
     model, proc = load(model_path, threads=threads, device="cpu")
     dense = _head_module()(vision_tower(model), model.get_input_embeddings().embedding_dim)
-    store = ImageStore(data)
-    collate = collate_fn(proc, store)
-    per_epoch, total = plan(len(records), cfg, world, source=str(Path(data) / cfg.data_file))
-    ckpt = Path(ckpt_dir or f".trimpi/ckpt/{stage}-{stable_hash(str(Path(out).resolve()), 8)}")
-    eng = Engine(dense, cfg, total, ckpt, fingerprint=_fingerprint(model_path, [data], cfg.data_file,
-                                                                   {"stage": stage, "objective": "vision"}), seed=seed)
-    eng.load_state()
-    start = eng.global_step
-    log = TrainLog(ckpt / "train_log.csv", resume_step=start, enabled=eng.is_main)
-    stats = fit(eng, records, collate, log, seed, per_epoch, start_step=start, desc=stage, on_step=on_step)
+    collate = collate_fn(proc, ImageStore(data))
+    eng, log, stats, first = train_loop(
+        stage, cfg, dense, records, collate, world=world, source=str(Path(data) / cfg.data_file),
+        fp=fingerprint(model_path, [data], cfg.data_file, {"stage": stage, "objective": "vision"}),
+        out=out, seed=seed, ckpt_dir=ckpt_dir, on_step=on_step)
     sd = eng.full_state_dict()
     dense.load_state_dict(sd)  # dense.visual *is* model's tower: gathered ZeRO-3 weights land in the model too
-    losses = [float(r["loss"]) for r in log.rows]
     metrics = {"stage": stage, "objective": "vision", "examples": len(records), "steps": eng.global_step,
-               "resumed_from_step": start, "first_loss": losses[0] if losses else None,
-               "final_loss": sum(losses[-5:]) / len(losses[-5:]) if losses else None,
-               "wall_s": stats["wall_s"], "config": asdict(cfg)}
+               "resumed_from_step": first, **loss_summary(log), "wall_s": stats["wall_s"], "config": asdict(cfg)}
     if eval_records:
         metrics["eval"] = evaluate(dense.cpu(), collate, eval_records)
     if eng.is_main:
-        card = model_card(model_path)
-        card.update(stages=card.get("stages", []) + [stage], parent=str(model_path))
-        with atomic_dir(out) as tmp:
-            save(model, proc, tmp)
-            log.copy_to(tmp / "train_log.csv")
-            atomic_write_json(tmp / "metrics.json", metrics)
-            atomic_write_json(tmp / "model_card.json", card)
+        export_checkpoint(out, model, proc, parent=model_path, stage=stage, metrics=metrics, write_log=log.copy_to)
         ev = metrics.get("eval", {})
         print(f"{stage}: {eng.global_step} steps, loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f}; "
               f"held-out token accuracy {ev.get('token_accuracy')}, image existence {ev.get('image_existence')}% -> {out}")
