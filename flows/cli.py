@@ -220,7 +220,7 @@ def run_run(args) -> int:
     else:
         print(f"reinternalize: FAILED: {str(result).splitlines()[0] if str(result) else type(result).__name__}")
     print(f"  report:   {summary}" if summary.exists() else "  report:   (none written)")
-    for rel in ("metrics/eval.json", "metrics/gate.json", "reports/results.md"):
+    for rel in ("metrics/eval.json", "metrics/gate.json", "reports/ablations.md"):
         if (root / rel).exists():
             print(f"  results:  {root / rel}")
     print(f"  model:    {_production_line(root, params)}")
