@@ -74,6 +74,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -158,9 +159,10 @@ def json_done(path: Path, key: str, value=None) -> bool:
 
 
 def clear_stale(path: Path) -> Callable[[], None]:
-    """Remove temporary siblings a killed writer left (``.<name>.*.tmp``; ``pipeline/io.py``)."""
+    """Remove what a killed writer left beside ``path`` (``pipeline/io.py``: ``.<name>.*.tmp`` while writing,
+    ``.<name>.old-<pid>`` while replacing): the step is about to write it again."""
     def run() -> None:
-        for p in path.parent.glob(f".{path.name}.*.tmp*"):
+        for p in [*path.parent.glob(f".{path.name}.*.tmp*"), *path.parent.glob(f".{path.name}.old-*")]:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     return run
 
@@ -195,7 +197,7 @@ def check_recipe(d: Path, recipe: dict, write: bool = True) -> None:
                      f"one (params.yaml, base model or data): its finished steps would mix two recipes; use a new "
                      f"--work dir (or delete {rel(d)} to redo it)")
     elif write:
-        atomic_write_json(f, recipe)
+        atomic_write_json(f, recipe)  # creates the dir
 
 
 def sub_params(params: dict, names) -> dict:
@@ -239,9 +241,6 @@ def plan(a, params: dict, keys: list[str], write: bool = True) -> tuple[list[Ste
     for di, d in enumerate(a.depths):
         dd = work / f"depth{d}"
         dparams = dd / "params.yaml"
-        if write:
-            dd.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(dparams, yaml.safe_dump(pipe, sort_keys=False))
         if d == 2:
             dep = Depth(d, dd, a.policies, a.data, dparams, [], f"`{rel(a.policies)}` (the pipeline's, {rel(a.data)})")
             data_recipe = fingerprint_data(a.data)
@@ -278,9 +277,12 @@ def plan(a, params: dict, keys: list[str], write: bool = True) -> tuple[list[Ste
                      [f"depth{d}/generate"], order, before=clear_stale(dd / "validate_clevr.json")),
             ]
         depths.append(dep)
-        # what the depth's own steps (data, In-Context evaluation) were made with
+        # what the depth's own steps (data, In-Context evaluation) were made with; checked before any
+        # file of the dir is rewritten, so a refused sweep leaves the old params next to the old outputs
         check_recipe(dd, {"data": data_recipe, "evaluate": params.get("evaluate"), "base": base_fp,
                           "base_seed": params["base"]["seed"]}, write)
+        if write:
+            atomic_write_text(dparams, yaml.safe_dump(pipe, sort_keys=False))
 
         def evaluate(unit: str, uid: str, pf: Path, model: str, out: Path, key: str, deps: list[str],
                      order: tuple) -> Step:
@@ -298,14 +300,12 @@ def plan(a, params: dict, keys: list[str], write: bool = True) -> tuple[list[Ste
         for si, s in enumerate(a.seeds):
             ud, uid, unit = dd / f"seed{s}", f"depth{d}/seed{s}", f"depth {d} seed {s}"
             pf = ud / "params.yaml"
-            if write:
-                ud.mkdir(parents=True, exist_ok=True)
-                # the pipeline's params with this seed: every stage reads base.seed
-                atomic_write_text(pf, yaml.safe_dump({**pipe, "base": {**pipe["base"], "seed": s}}, sort_keys=False))
             recipe = {"params": sub_params({**params, "base": {**params["base"], "seed": s}}, RECIPE_SECTIONS),
                       "base": base_fp, "data": data_recipe}
             recipe["params"]["base"].pop("threads", None)  # how fast, not what: --jobs may change it
             check_recipe(ud, recipe, write)
+            if write:  # the pipeline's params with this seed: every stage reads base.seed
+                atomic_write_text(pf, yaml.safe_dump({**pipe, "base": {**pipe["base"], "seed": s}}, sort_keys=False))
             ck = {"base": str(base)}
             for mi, k in enumerate(needed([k for k in keys if k in METHODS])):
                 m = METHODS[k]
@@ -378,8 +378,31 @@ def display(cmd: list[str]) -> str:
     return " ".join(shlex.quote(rel(c) if "/" in c and Path(c).is_absolute() else c) for c in shown)
 
 
+def live_steps(path: Path) -> dict[str, dict]:
+    """Steps an earlier sweep started that are still running (its runner was SIGKILLed): id -> entry."""
+    from pipeline.lock import _start_time
+
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {sid: e for sid, e in entries.items() if _start_time(e["pgid"]) == e.get("start")}
+
+
 def execute(steps: list[Step], jobs: int, timings_path: Path, env: dict | None = None) -> list[str]:
-    """Run what :func:`to_run` selects, ``jobs`` at a time in dependency order; returns the failed/blocked ids."""
+    """Run what :func:`to_run` selects, ``jobs`` at a time in dependency order; returns the failed/blocked ids.
+
+    Each step runs in its own process group, recorded in ``running.json`` next to the timings while it
+    runs: Ctrl-C or SIGTERM stops every running step (their outputs are atomic, a trainer resumes
+    from its checkpoint), and a later sweep refuses to start beside a step that outlived a SIGKILLed one.
+    """
+    from pipeline.lock import _start_time
+
+    running_path = timings_path.with_name("running.json")
+    orphans = live_steps(running_path)
+    if orphans:
+        sys.exit("error: " + "; ".join(f"{sid} is still running from an earlier sweep (process group {e['pgid']}: "
+                                       f"stop it with `kill -- -{e['pgid']}` or wait for it)" for sid, e in orphans.items()))
     todo = to_run(steps)
     pending = {s.id: s for s in todo}
     total, n = len(todo), 0
@@ -391,6 +414,14 @@ def execute(steps: list[Step], jobs: int, timings_path: Path, env: dict | None =
            **(env or {})}
     print(f"results: {total} step(s) to run, {len(steps) - total} already done or not needed, {jobs} at a time",
           flush=True)
+
+    def record() -> None:
+        atomic_write_json(running_path, {st.id: {"pgid": p.pid, "start": _start_time(p.pid), "log": str(st.log)}
+                                         for p, (st, _, _) in running.items()})
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    old_term = signal.signal(signal.SIGTERM, stop)
     try:
         while pending or running:
             for s in list(pending.values()):  # a failed dependency blocks its dependents, transitively
@@ -410,12 +441,15 @@ def execute(steps: list[Step], jobs: int, timings_path: Path, env: dict | None =
                 log = open(s.log, "a")
                 log.write(f"\n==== {datetime.datetime.now().isoformat(timespec='seconds')} {display(s.cmd)}\n")
                 log.flush()
-                p = subprocess.Popen(s.cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+                p = subprocess.Popen(s.cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                     start_new_session=True)
                 running[p] = (s, time.time(), log)
+                record()
                 print(f"[{n}/{total}] {s.id}: started  $ {display(s.cmd)}", flush=True)
             for p in [p for p in running if p.poll() is not None]:
                 s, t0, log = running.pop(p)
                 log.close()
+                record()
                 dt = time.time() - t0
                 if p.returncode == 0 and s.after:
                     s.after()
@@ -433,10 +467,21 @@ def execute(steps: list[Step], jobs: int, timings_path: Path, env: dict | None =
             if running:
                 time.sleep(POLL_S)
     except KeyboardInterrupt:
-        # the children got the same SIGINT (same process group); trainers stop and keep their checkpoints
+        # steps run in their own sessions (a terminal's Ctrl-C reaches only this process): stop them here.
+        # Their outputs are written atomically and trainers resume from their last checkpoint.
+        for p in running:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         for p in running:
             p.wait()
-        sys.exit("interrupted: run the same command again to resume (finished steps are kept)")
+        running.clear()
+        record()
+        sys.exit("interrupted: its running steps were stopped; run the same command again to resume "
+                 "(finished steps are kept)")
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
     return list(bad)
 
 
@@ -579,27 +624,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {rel(a.params)}: {', '.join(f'{k}: {v}' for k, v in fixed.items())} is a fixed response "
               f"budget: depth-{max(a.depths)} CoTs may be cut before \\boxed{{}} (0 derives it from the data)",
               file=sys.stderr)
-    write = not (a.dry_run or a.report_only)
-    steps, depths = plan(a, params, keys, write=write)
     timings_path = a.work / "timings.json"
     if a.dry_run:
+        steps, _ = plan(a, params, keys, write=False)
         todo = {s.id for s in to_run(steps)}
         for s in sorted(steps, key=lambda s: s.order):
             print(f"{'to run' if s.id in todo else 'done  ' if s.done() else 'unused'}  {s.id}  $ {display(s.cmd)}")
         print(f"{len(todo)} step(s) to run of {len(steps)}")
         return 0
-    bad = [] if a.report_only else execute(steps, a.jobs, timings_path)
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    rows = unit_times(steps, timings)
-    print("\nwall time per unit (one core per step):")
-    for u, t, k, n, slow in rows:
-        print(f"  {u:<20} {minutes(t):>10}  ({k}/{n} steps timed; slowest: {slow})")
-    if bad:
-        print(f"\nresults: {len(bad)} step(s) failed or blocked: {', '.join(bad)}\n"
-              f"results: {rel(a.out)} left unchanged; fix the cause and run the same command to resume", file=sys.stderr)
-        return 1
-    display_argv = ["python", "scripts/results.py", *raw]
-    return 0 if write_report(a, steps, depths, keys, timings, display_argv) else 1
+    from pipeline.lock import LockBusy, WorkspaceLock
+
+    try:  # a second sweep on the same work dir would train the same outputs twice
+        with WorkspaceLock(a.work, timeout=0, command="scripts/results.py " + " ".join(raw)):
+            steps, depths = plan(a, params, keys, write=not a.report_only)
+            bad = [] if a.report_only else execute(steps, a.jobs, timings_path)
+            timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+            rows = unit_times(steps, timings)
+            print("\nwall time per unit (one core per step):")
+            for u, t, k, n, slow in rows:
+                print(f"  {u:<20} {minutes(t):>10}  ({k}/{n} steps timed; slowest: {slow})")
+            if bad:
+                print(f"\nresults: {len(bad)} step(s) failed or blocked: {', '.join(bad)}\nresults: {rel(a.out)} "
+                      f"left unchanged; fix the cause and run the same command to resume", file=sys.stderr)
+                return 1
+            # the command that regenerates everything (--report-only only re-aggregates)
+            display_argv = ["python", "scripts/results.py", *[x for x in raw if x != "--report-only"]]
+            return 0 if write_report(a, steps, depths, keys, timings, display_argv) else 1
+    except LockBusy as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

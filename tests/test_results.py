@@ -156,6 +156,9 @@ with open(os.environ["FAKE_LOG"], "a") as f:
 out = Path(opt("--out") or opt("--report"))
 if os.environ.get("FAKE_FAIL") and os.environ["FAKE_FAIL"] in str(out):
     sys.exit(1)
+if os.environ.get("FAKE_SLEEP") and argv[0] == "train":
+    import time
+    time.sleep(float(os.environ["FAKE_SLEEP"]))
 if argv[:2] == ["policy", "new"]:
     out.mkdir(parents=True)
     for i in range(int(opt("--count"))):
@@ -259,6 +262,12 @@ def test_a_failed_step_blocks_its_dependents_only_and_keeps_the_old_report(world
     assert not (tmp / "out/results.md").exists()
     err = capsys.readouterr()
     assert "depth4/seed0/train cpt: FAILED (exit 1)" in err.out and "run the same command to resume" in err.err
+    # the tables so far: a missing seed shows as n=1, the rest is listed as not measured yet
+    assert mod.main(args + ["--report-only"]) == 0 and calls() == []
+    md = (tmp / "out/results.md").read_text()
+    assert "Not measured yet (1): depth 4:" in md and "eval_trimpi_poro_grpo.json" in md
+    assert f"| {R.PORO_GRPO} | 1 | 82.0 |" in md.split("## Depth 4")[1]           # seed 1 only
+    assert "--report-only" not in md                                               # the command that regenerates it all
     monkeypatch.delenv("FAKE_FAIL")
     assert mod.main(args) == 0 and len(calls()) == 4                              # cpt, cpt_cot_sft, rl, eval
 
@@ -270,9 +279,48 @@ def test_a_changed_recipe_is_refused_not_mixed(world):
     (tmp / "params.yaml").write_text("base: {seed: 7, model: tiny-xs, threads: 1}\nrl: {max_steps: 2}\n")
     with pytest.raises(SystemExit, match="recipe.json: params: expected the recipe this sweep started with"):
         mod.main(one)
+    assert "max_steps: 1" in (tmp / "work/depth2/seed0/params.yaml").read_text()  # still what the outputs were made with
     # base.threads is speed, not recipe
     (tmp / "params.yaml").write_text("base: {seed: 7, model: tiny-xs, threads: 2}\nrl: {max_steps: 1}\n")
     assert mod.main(one) == 0
+
+
+def test_sigterm_stops_running_steps_and_a_survivor_blocks_the_next_sweep(world):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    mod, args, tmp, calls = world
+    one = args[:args.index("--depths")] + ["--depths", "2", "--seeds", "0", "--methods", "cot_sft"]
+    driver = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import test_results as t; "
+              f"m = t.load_script(); m.TRIMPI = [sys.executable, {str(tmp / 'fake_trimpi.py')!r}]; m.POLL_S = 0.05; "
+              f"sys.exit(m.main({one!r}))")
+    env = {**os.environ, "FAKE_SLEEP": "600", "PYTHONPATH": str(ROOT)}
+    sweep = subprocess.Popen([sys.executable, "-c", driver], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    running = tmp / "work" / "running.json"
+    deadline = time.monotonic() + 120
+    while not (running.exists() and json.loads(running.read_text())) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (step,) = json.loads(running.read_text()).values()                           # train cot_sft, asleep
+    sweep.send_signal(signal.SIGTERM)
+    assert sweep.wait(timeout=120) != 0 and "interrupted" in sweep.stderr.read()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(step["pgid"], 0)                                                 # the step was stopped with it
+    assert json.loads(running.read_text()) == {} and not (tmp / "work/depth2/seed0/cot_sft").exists()
+
+    # a step that outlived its sweep (SIGKILLed runner) is named instead of trained twice
+    orphan = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        from pipeline.lock import _start_time
+
+        running.write_text(json.dumps({"depth2/seed0/train cot_sft": {"pgid": orphan.pid, "start": _start_time(orphan.pid)}}))
+        with pytest.raises(SystemExit, match=f"still running from an earlier sweep .*kill -- -{orphan.pid}"):
+            mod.main(one)
+    finally:
+        orphan.kill()
+        orphan.wait()
+    assert mod.main(one) == 0                                                      # gone: the sweep goes on
 
 
 def test_dry_run_lists_steps_and_touches_nothing(world, capsys):
