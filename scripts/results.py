@@ -307,7 +307,7 @@ def plan(a, params: dict, keys: list[str], write: bool = True) -> tuple[list[Ste
             if write:  # the pipeline's params with this seed: every stage reads base.seed
                 atomic_write_text(pf, yaml.safe_dump({**pipe, "base": {**pipe["base"], "seed": s}}, sort_keys=False))
             ck = {"base": str(base)}
-            for mi, k in enumerate(needed([k for k in keys if k in METHODS])):
+            for k in needed(keys):
                 m = METHODS[k]
                 if m.kind == "none":
                     continue
@@ -511,7 +511,8 @@ def times_markdown(rows) -> str:
 
 
 def write_report(a, steps: list[Step], depths: list[Depth], keys: list[str], timings: dict, argv: list[str]) -> bool:
-    sampling = any("in_context" in s.id and "/seed" in s.id for s in steps)
+    # In-Context was evaluated per seed only when decoding samples (plan())
+    sampling = any(s.id.endswith("/eval in_context") and "/seed" in s.id for s in steps)
     groups, missing = [], []
     for dep in depths:
         variants = []
