@@ -34,7 +34,7 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 s3: setup
-	$(BIN)/python -m pipeline.s3server
+	$(BIN)/python infra/s3server.py
 
 ui: setup
 	$(BIN)/trimpi ui

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_section  # noqa: E402
 from pipeline.data.clevr_policy import GenerateClevrConfig, build  # noqa: E402
-from pipeline.data.scenes import render_scene, sample_scene  # noqa: E402
+from pipeline.scenes import render_scene, sample_scene  # noqa: E402
 from pipeline.io import dump_yaml  # noqa: E402
 
 

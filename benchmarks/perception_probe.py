@@ -47,7 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data import generic_qa as G  # noqa: E402
-from pipeline.data.scenes import ATTRIBUTES, COLOR_RGB, object_radius, make_scene, render_scene  # noqa: E402
+from pipeline.scenes import ATTRIBUTES, COLOR_RGB, object_radius, make_scene, render_scene  # noqa: E402
 
 LOG = Path(__file__).with_name("perception_runs.jsonl")
 
@@ -365,7 +365,7 @@ def cmd_dense(args) -> None:
     the fly at a per-scene scale in [object-scale, scale-max]; held-out scenes at object-scale."""
     import torch
 
-    from pipeline.data.scenes import sample_scene
+    from pipeline.scenes import sample_scene
     from pipeline.model import vision_tower
     from pipeline.train import vision as V
 
@@ -442,7 +442,7 @@ def square_example(rng: random.Random, args):
     """
     from PIL import Image, ImageDraw
 
-    from pipeline.data.scenes import SS, _background, _draw_object
+    from pipeline.scenes import SS, _background, _draw_object
 
     size = args.image_size
     palette = PURE if args.colors == "pure" else COLOR_RGB
@@ -584,7 +584,7 @@ def cmd_tokens(args) -> None:
 
 
 def _scenes(n: int, cfg, seed: int = 7):
-    from pipeline.data.scenes import sample_scene
+    from pipeline.scenes import sample_scene
 
     rng = random.Random(f"probe/{seed}")
     out = []

@@ -35,17 +35,10 @@ class ChangeCheck:
     """True when the policies themselves differ from production's (not only data params, not a first run)."""
 
 
-def _dotted(params: dict, key: str):
-    node = params
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def watched_params(params: dict, keys: list[str]) -> dict:
-    return {k: _dotted(params, k) for k in keys}
+    from pipeline.config import get_dotted
+
+    return {k: get_dotted(params, k) for k in keys}
 
 
 def fingerprint(root: str | os.PathLike, params: dict, watch: list[str]) -> dict:
@@ -90,10 +83,7 @@ def production(root: str | os.PathLike, params_file: str | os.PathLike) -> dict 
 
 def check(root: str | os.PathLike, params: dict, params_file: str | os.PathLike, watch: list[str]) -> ChangeCheck:
     current = fingerprint(root, params, watch)
-    try:
-        prod = production(root, params_file)
-    except ImportError:  # the registry module is part of a later stage of the project
-        return ChangeCheck(True, "no registry yet: running everything", current)
+    prod = production(root, params_file)
     if prod is None:
         return ChangeCheck(True, "no production model yet", current)
     trained = card_fingerprint(prod["card"], watch)

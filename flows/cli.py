@@ -135,13 +135,10 @@ def start_server(host: str, port: int, wait: float = 180.0, log_path: Path | Non
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    """A Prefect server or worker: its group gets 30 s after SIGTERM (SQLite and the API shut down)."""
+    from flows.runner import stop_group
+
+    stop_group(proc, grace=30)
 
 
 def _sigterm_as_interrupt() -> None:
@@ -220,6 +217,8 @@ def run_run(args) -> int:
     else:
         print(f"reinternalize: FAILED: {str(result).splitlines()[0] if str(result) else type(result).__name__}")
     print(f"  report:   {summary}" if summary.exists() else "  report:   (none written)")
+    if summary.exists():
+        print("\n".join("  " + line for line in stage_table(summary.read_text())))
     for rel in ("metrics/eval.json", "metrics/gate.json", "reports/ablations.md"):
         if (root / rel).exists():
             print(f"  results:  {root / rel}")
@@ -228,6 +227,27 @@ def run_run(args) -> int:
         print(f"  history:  `trimpi ui`, then open http://{DEFAULT_UI[0]}:{DEFAULT_UI[1]} (runs are kept in "
               f"{os.environ['PREFECT_HOME']})")
     return 0 if state.is_completed() else 1
+
+
+def stage_table(summary_md: str) -> list[str]:
+    """The summary's per-stage table (status and wall time of every stage) with a total line, for the
+    console: where the run's time went, without opening the report."""
+    lines = summary_md.splitlines()
+    if "## Stages" not in lines:
+        return []
+    start = lines.index("## Stages") + 2
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    total = 0.0
+    for row in table[2:]:
+        try:
+            total += float(row.strip("|").split("|")[2])
+        except (IndexError, ValueError):
+            pass
+    return table + [f"| total | | {total:.0f} |"] if table else []
 
 
 def _production_line(root: Path, params: str) -> str:

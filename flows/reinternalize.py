@@ -65,7 +65,7 @@ def _fmt(v) -> str:
 
 
 def _metrics_table(metrics: dict, limit: int = 40) -> list[str]:
-    from pipeline.evaluate.metrics import flatten
+    from pipeline.config import flatten
 
     rows = [(k, v) for k, v in flatten(metrics).items() if isinstance(v, (int, float, str, bool)) or v is None]
     lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows[:limit]]
@@ -141,7 +141,7 @@ def summary_markdown(root: Path, status: str, chk: ChangeCheck, stages: list[dic
                f"{c.get('status')} |" for c in gate.get("checks", [])] + [""]
     ev = load(EVAL)
     if ev is not None and status != "skipped":
-        from pipeline.evaluate.metrics import flatten
+        from pipeline.config import flatten
 
         mine = flatten(ev)
         theirs = flatten(prod["metrics"]) if prod else {}

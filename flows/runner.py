@@ -292,7 +292,7 @@ def terminate_all() -> None:
     with _live_guard:
         procs = list(_live.values())
     for proc in procs:
-        _kill_group(proc)
+        stop_group(proc)
 
 
 def run_streamed(cmd: list[str], cwd: str | os.PathLike, on_line: Callable[[str], None],
@@ -346,11 +346,11 @@ def run_streamed(cmd: list[str], cwd: str | os.PathLike, on_line: Callable[[str]
             record_stage(workspace, proc.pid, " ".join(cmd))
         code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
+        stop_group(proc)
         reader.join(5)
         raise StageTimeout(" ".join(cmd), timeout or 0, list(tail)) from None
     except BaseException:  # KeyboardInterrupt, flow cancellation: never leave a training job behind
-        _kill_group(proc)
+        stop_group(proc)
         raise
     finally:
         with _live_guard:
@@ -362,8 +362,11 @@ def run_streamed(cmd: list[str], cwd: str | os.PathLike, on_line: Callable[[str]
     return code, list(tail)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop the process group ``proc`` leads (started with ``start_new_session``): SIGTERM, ``grace``
+    seconds to exit, then SIGKILL. The one way this package stops what it started: stage groups
+    here, the Prefect servers and workers of ``trimpi ui | serve``."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:

@@ -38,7 +38,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("train", "sft"): ("pipeline.train.sft:train", "stage 2: CoT SFT (or --direct answer-only baseline)"),
     ("train", "rl"): ("pipeline.train.rl:train", "stage 3: GRPO/DAPO with PolicyRollout"),
     ("evaluate",): ("pipeline.evaluate.suites:evaluate", "run the evaluation suites on a checkpoint"),
-    ("gate",): ("pipeline.registry:gate", "check evaluation metrics against the gates"),
+    ("gate",): ("pipeline.evaluate.gate:gate", "check evaluation metrics against the gates"),
     ("promote",): ("pipeline.registry:promote", "register a gated model and move the production alias"),
     ("registry", "list"): ("pipeline.registry:list", "list registered model versions"),
     ("registry", "show"): ("pipeline.registry:show", "show one version's card and metrics"),

@@ -18,7 +18,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Mapping, TypeVar
 
 from pipeline.io import input_error, load_yaml, parse_yaml
 
@@ -158,3 +158,29 @@ class BaseConfig:
 
 def load_base(params: str | os.PathLike = DEFAULT_PARAMS, overrides: list[str] | None = None) -> BaseConfig:
     return load_section(BaseConfig, "base", params, overrides)
+
+
+# ----------------------------------------------------------------------------- dotted keys
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b.c": scalar}; lists are kept as values (what `dvc metrics show` does)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def get_dotted(d: Mapping[str, Any], key: str) -> Any:
+    """``get_dotted(m, "main.score")`` (metrics) or ``get_dotted(params, "base.seed")``; ``None`` when any
+    part is missing."""
+    node: Any = d
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node

@@ -206,7 +206,9 @@ def stable_hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha256(blob).hexdigest()[:n]
 
 
-def file_hash(path: str | os.PathLike, n: int = 12) -> str:
+def file_hash(path: str | os.PathLike, n: int | None = 12) -> str:
+    """sha256 of a file's bytes, read in chunks: the first ``n`` hex digits (a version), or all of
+    them with ``n=None`` (the registry's manifests)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

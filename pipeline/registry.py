@@ -1,4 +1,4 @@
-"""Model registry, evaluation gate and promotion (``trimpi gate | promote | registry …``).
+"""Model registry and promotion (``trimpi promote | registry …``).
 
 Layout under the storage root (a local directory or ``s3://bucket/prefix``, via
 :mod:`pipeline.storage`)::
@@ -34,9 +34,8 @@ short settle delay, ownership re-checked before every file and again after uploa
 the race to a writer stalled for longer than the delay between its own check and its PUT; use
 an endpoint with conditional writes (AWS, SeaweedFS, MinIO) when promoters may run at once.
 
-The gate (``gate`` section) compares ``metrics/eval.json`` with thresholds and with the
-current production model's metrics read from this registry — only when both were measured on
-the same test sets (same content hashes); otherwise that check passes and says why.
+The gate that decides whether a model may be promoted lives beside evaluation
+(``pipeline/evaluate/gate.py``); it reads the production model's metrics from here.
 """
 from __future__ import annotations
 
@@ -49,12 +48,12 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.evaluate.metrics import flatten, get_dotted
-from pipeline.io import TransientError, atomic_write_json, dump_yaml, input_error, parse_json, read_json
+from pipeline.config import flatten, get_dotted
+from pipeline.io import TransientError, atomic_write_json, dump_yaml, file_hash, input_error, parse_json, read_json
 from pipeline.storage import NotFound, Storage, open_storage
 
 VERSION_RE = re.compile(r"^v(\d+)$")
@@ -81,24 +80,6 @@ class RegistryConfig:
     """First back-off delay in seconds (doubles per attempt, capped at 30 s)."""
 
 
-@dataclass
-class GateConfig:
-    """``params.yaml: gate`` — what an evaluated model must satisfy before promotion. Accuracies in %."""
-
-    min_main_accuracy: float = 30.0
-    """Minimum ``main.score`` (policy-free accuracy; mean of ClevrPolicy accuracy and GTA Overall when both exist)."""
-    min_override_accuracy: float = 0.0
-    """Minimum ``override.score``. Skipped (and said so) when the override suite did not run."""
-    max_forgetting_drop: float = 10.0
-    """Maximum ``forgetting.drop`` in points (before - after). Skipped when no probe set exists."""
-    max_regression: float = 5.0
-    """Maximum points any of ``regression_metrics`` may fall below the production model's value."""
-    regression_metrics: list[str] = field(default_factory=lambda: ["main.score", "override.score"])
-    """Dotted metric keys compared with production (only those present in both metrics files)."""
-    require_all: bool = False
-    """True: a check whose metric is missing fails instead of being skipped."""
-
-
 def _num(version: str | None) -> int:
     m = VERSION_RE.match(version or "")
     return int(m.group(1)) if m else -1
@@ -106,14 +87,6 @@ def _num(version: str | None) -> int:
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -190,7 +163,7 @@ class Registry:
         with atomic_dir(dest) as tmp:
             for rel, info in files.items():
                 self.s.get_file(self._k(v, "model", rel), tmp / rel)
-                if sha256_file(tmp / rel) != info["sha256"]:
+                if file_hash(tmp / rel, None) != info["sha256"]:
                     raise input_error(self.s.where(self._k(v, "model", rel)), "sha256", info["sha256"], "a different hash")
         return Path(dest)
 
@@ -265,7 +238,7 @@ class Registry:
         """
         model_dir = Path(model_dir)
         files = model_files(model_dir)
-        manifest = {rel: {"sha256": sha256_file(model_dir / rel), "size": (model_dir / rel).stat().st_size}
+        manifest = {rel: {"sha256": file_hash(model_dir / rel, None), "size": (model_dir / rel).stat().st_size}
                     for rel in files}
         content = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
         from tqdm import tqdm
@@ -370,85 +343,6 @@ def open_registry(cfg: RegistryConfig) -> Registry:
                                  backoff=cfg.backoff_s), cfg.model)
 
 
-# ----------------------------------------------------------------------------- the gate
-
-
-def _check(name: str, metric: str, value, threshold, op: str, require: bool, note: str = "") -> dict:
-    if value is None:
-        return {"name": name, "metric": metric, "value": None, "threshold": threshold, "op": op,
-                "passed": not require, "status": "fail" if require else "skipped",
-                "note": note or f"{metric} not measured" + ("" if require else " (gate.require_all is false)")}
-    ok = value >= threshold if op == ">=" else value <= threshold
-    return {"name": name, "metric": metric, "value": value, "threshold": threshold, "op": op,
-            "passed": ok, "status": "pass" if ok else "fail", "note": note}
-
-
-def evaluate_gate(metrics: dict, cfg: GateConfig, incumbent: dict | None, incumbent_version: str | None) -> dict:
-    """Every check with its value and threshold; ``passed`` = all checks passed."""
-    checks = [
-        # the main score is never optional: a gate that cannot see accuracy must not pass
-        _check("main accuracy", "main.score", get_dotted(metrics, "main.score"), cfg.min_main_accuracy, ">=", True),
-        _check("override accuracy", "override.score", get_dotted(metrics, "override.score"),
-               cfg.min_override_accuracy, ">=", cfg.require_all),
-        _check("forgetting drop", "forgetting.drop", get_dotted(metrics, "forgetting.drop"),
-               cfg.max_forgetting_drop, "<=", cfg.require_all),
-    ]
-    if incumbent is None:
-        checks.append({"name": "no regression vs production", "metric": ",".join(cfg.regression_metrics),
-                       "value": None, "threshold": cfg.max_regression, "op": "<=", "passed": True,
-                       "status": "skipped", "note": "no production model yet"})
-    else:
-        mine, theirs = metrics.get("test_sets", {}), incumbent.get("test_sets", {})
-        common = sorted(set(mine) & set(theirs))
-        differ = [k for k in common if mine[k] != theirs[k]]
-        for key in cfg.regression_metrics:
-            a, b = get_dotted(metrics, key), get_dotted(incumbent, key)
-            name = f"no regression vs production {incumbent_version}: {key}"
-            if a is None or b is None:
-                checks.append(_check(name, key, None, cfg.max_regression, "<=", False,
-                                     f"{key} missing in {'candidate' if a is None else 'production'} metrics"))
-            elif differ or not common:
-                checks.append(_check(name, key, None, cfg.max_regression, "<=", False,
-                                     "production was measured on different test sets "
-                                     f"({', '.join(differ) or 'no common test set'}); not comparable"))
-            else:
-                c = _check(name, key, round(b - a, 2), cfg.max_regression, "<=", True,
-                           f"candidate {a} vs production {b} (points lost)")
-                checks.append(c)
-    return {"passed": all(c["passed"] for c in checks), "checks": checks, "production": incumbent_version,
-            "at": now()}
-
-
-def print_verdict(verdict: dict, out=None) -> None:
-    out = out or sys.stdout
-    print(f"gate: {'PASSED' if verdict['passed'] else 'FAILED'}", file=out)
-    for c in verdict["checks"]:
-        val = "-" if c["value"] is None else c["value"]
-        line = f"  [{c['status']:>7}] {c['name']}: {val} {c['op']} {c['threshold']}"
-        print(line + (f"  ({c['note']})" if c["note"] else ""), file=out)
-
-
-def configure_gate(p) -> None:
-    p.add_argument("--metrics", default="metrics/eval.json", help="metrics written by `trimpi evaluate`")
-    p.add_argument("--out", default="metrics/gate.json", help="where to write the verdict")
-
-
-def run_gate(args) -> int:
-    from pipeline.config import load_section
-
-    cfg = load_section(GateConfig, "gate", args.params, args.overrides)
-    rcfg = load_section(RegistryConfig, "registry", args.params)
-    metrics = read_json(args.metrics)
-    reg = open_registry(rcfg)
-    ptr = reg.alias()
-    incumbent = reg.metrics(ptr["version"]) if ptr else None
-    verdict = evaluate_gate(metrics, cfg, incumbent, ptr["version"] if ptr else None)
-    verdict["metrics_file"] = str(args.metrics)
-    atomic_write_json(args.out, verdict)
-    print_verdict(verdict)
-    return 0 if verdict["passed"] else 1
-
-
 # ----------------------------------------------------------------------------- model card
 
 
@@ -477,7 +371,6 @@ def scrub(obj: Any) -> Any:
 
 def build_card(params_path: str, policies_dir: str | None, data_dirs: list[str], model_dir: str) -> dict:
     from pipeline.config import read_params
-    from pipeline.io import file_hash
 
     policies = []
     if policies_dir and Path(policies_dir).exists():

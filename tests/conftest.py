@@ -4,6 +4,9 @@
 * ``prefect_home`` — one fresh, isolated Prefect home per test session (ephemeral API server,
   analytics off, the long startup timeout a fresh SQLite home needs on 2 cores).
 * ``s3_server`` — a real SeaweedFS S3 server on 127.0.0.1 for the session (slow tests only).
+
+``infra/s3server.py`` (the dev/test S3 server behind ``make s3``, not part of the package) is
+importable from every test as ``s3server``.
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "infra"))
 
 TEST_POLICY = """kind: clevr
 name: L1-Tistu
@@ -80,8 +85,8 @@ def prefect_home(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """A running ``pipeline.s3server.S3Server`` (SeaweedFS ``weed mini``) with bucket ``trimpi-test``."""
-    from pipeline.s3server import S3Server
+    """A running ``s3server.S3Server`` (``infra/s3server.py``: SeaweedFS ``weed mini``) with bucket ``trimpi-test``."""
+    from s3server import S3Server
 
     with S3Server(data_dir=tmp_path_factory.mktemp("seaweed"), buckets=["trimpi-test"]) as server:
         yield server

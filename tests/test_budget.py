@@ -14,7 +14,8 @@ import pytest
 from pipeline.cli import main as cli
 from pipeline.evaluate import suites as S
 from pipeline.model.prompts import response_budget, training_response
-from pipeline.policy import load_policies
+from pipeline.data.records import open_dataset, split_records
+from pipeline.policy import RenderCache, load_policies
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,8 +58,8 @@ def _evaluate(deep, monkeypatch, max_new_tokens):
     import pipeline.model
 
     d, proc = deep
-    ds = S.open_dataset(d / "data", "auto")
-    recs = S.split_records(ds, "test", 0)
+    ds = open_dataset(d / "data")
+    recs = split_records(ds, "test", 0)
     by_prompt: dict = {}
     for r in recs:
         by_prompt.setdefault(r.query, []).append(r)
@@ -67,14 +68,14 @@ def _evaluate(deep, monkeypatch, max_new_tokens):
     runner = S.Runner.__new__(S.Runner)
     runner.model_dir, runner.model, runner.processor = "gold", None, proc
     runner.cfg = S.EvalConfig(max_new_tokens=max_new_tokens, batch_size=len(recs))
-    runner.policies, runner._rendered, runner.budgets = load_policies(d / "policies"), {}, {}
+    runner.policies, runner.render, runner.budgets = load_policies(d / "policies"), RenderCache(), {}
     ev = S.Evaluation(runner, [ds], runner.cfg, d / f"preds{max_new_tokens}")
     return ev.main(), seen, recs
 
 
 def test_response_budget_fits_the_longest_gold_response(deep):
     d, proc = deep
-    recs = S.split_records(S.open_dataset(d / "data", "auto"), "test", 0)
+    recs = split_records(open_dataset(d / "data"), "test", 0)
     longest = max(len(proc.tokenizer(training_response(r), add_special_tokens=False).input_ids) for r in recs)
     budget = response_budget(proc.tokenizer, recs)
     assert longest > 192  # a depth-6 chain is longer than the old fixed evaluation budget

@@ -12,7 +12,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.data.clevr_policy import QUERY, GenerateClevrConfig, build
 from pipeline.data.records import ImageStore, read_records
-from pipeline.data.scenes import render_scene
+from pipeline.scenes import render_scene
 from pipeline.io import InputError, dump_yaml, read_json
 from pipeline.policy import load_policies, load_policy
 from pipeline.policy.clevr import sample_policy

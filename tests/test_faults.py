@@ -303,7 +303,7 @@ def test_real_s3_server_stopped_during_push(tmp_path, monkeypatch):
     push fails naming the object after the retry budget; after a restart on the same data and port
     readers see production v1 and no v2, and the next promotion completes v2."""
     from pipeline.registry import RegistryConfig, open_registry
-    from pipeline.s3server import S3Server
+    from s3server import S3Server
     from pipeline.storage import S3Storage, StorageError
 
     passed = {"passed": True, "checks": []}

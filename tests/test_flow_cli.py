@@ -44,3 +44,13 @@ def test_trimpi_run_refuses_while_another_run_holds_the_workspace(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_stage_table_prints_each_stage_time_and_the_total():
+    from flows.cli import stage_table
+
+    md = ("# reinternalize: completed\n\n## Stages\n\n| stage | status | seconds |\n|---|---|---|\n"
+          "| cpt | ran | 300.5 |\n| sft | unchanged | 1.5 |\n| gate | FAILED | - |\n\n## Gate: PASSED\n")
+    assert stage_table(md) == ["| stage | status | seconds |", "|---|---|---|", "| cpt | ran | 300.5 |",
+                               "| sft | unchanged | 1.5 |", "| gate | FAILED | - |", "| total | | 302 |"]
+    assert stage_table("# reinternalize: skipped\n") == []

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import stop_server
-from pipeline.s3server import free_ports
+from s3server import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

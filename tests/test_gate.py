@@ -2,7 +2,8 @@
 import json
 import types
 
-from pipeline.registry import GateConfig, Registry, evaluate_gate, run_gate
+from pipeline.evaluate.gate import GateConfig, evaluate_gate, run_gate
+from pipeline.registry import Registry
 from pipeline.storage import LocalStorage
 
 SETS = {"clevr/test.jsonl": "h1"}

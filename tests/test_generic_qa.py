@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.data.generic_qa import QTYPES, GenerateGenericConfig, build
 from pipeline.data.records import ImageStore, read_records
-from pipeline.data.scenes import ATTRIBUTES, render_scene
+from pipeline.scenes import ATTRIBUTES, render_scene
 from pipeline.io import InputError
 from pipeline.model.prompts import format_ok, parse_answer, training_response
 

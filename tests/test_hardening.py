@@ -427,7 +427,7 @@ def test_clevr_importer_checks_that_images_are_images(tmp_path):
     import shutil
 
     from pipeline.data.clevr_policy import GenerateClevrConfig, build
-    from pipeline.data.scenes import import_clevr
+    from pipeline.scenes import import_clevr
 
     root = tmp_path / "CLEVR_v1.0"
     shutil.copytree(FIXTURE, root)
@@ -819,7 +819,7 @@ def test_connection_down_for_the_whole_budget_is_transient_exit_75(tmp_path, mot
 def test_s3_server_killed_mid_multipart_promote_then_rerun(tmp_path, monkeypatch):
     """The issue's reproduction on SeaweedFS: the server dies during a large weight upload."""
     from pipeline.registry import RegistryConfig, open_registry
-    from pipeline.s3server import S3Server
+    from s3server import S3Server
     from pipeline.storage import StorageUnavailable
 
     server = S3Server(data_dir=tmp_path / "s3", buckets=["big"]).start()
@@ -1081,10 +1081,10 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_s3server_stopped_with_sigterm_stops_weed(tmp_path):
-    from pipeline.s3server import free_ports
+    from s3server import free_ports
 
     port = free_ports(1)[0]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.s3server", "--dir", str(tmp_path / "s3"), "--port",
+    proc = subprocess.Popen([sys.executable, str(REPO / "infra" / "s3server.py"), "--dir", str(tmp_path / "s3"), "--port",
                              str(port)], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     weed: list[int] = []
     try:

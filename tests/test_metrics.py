@@ -60,10 +60,12 @@ def test_branching_error_is_mean_abs_difference_of_citation_rates():
 
 
 def test_drop_reduction_mean_flatten_dotted():
+    from pipeline.config import flatten, get_dotted
+
     assert M.drop(50.0, 42.5) == 7.5 and M.drop(None, 3) is None
     assert M.reduction_pct(1000, 61) == 93.9 and M.reduction_pct(0, 1) is None
     assert M.mean([10, None, 20]) == 15.0 and M.mean([None]) is None
     m = {"main": {"score": 1, "by_depth": {"2": 3}}, "n": [1, 2]}
-    assert M.flatten(m) == {"main.score": 1, "main.by_depth.2": 3, "n": [1, 2]}
-    assert M.get_dotted(m, "main.by_depth.2") == 3 and M.get_dotted(m, "main.x") is None
-    assert M.get_dotted(m, "n.x") is None
+    assert flatten(m) == {"main.score": 1, "main.by_depth.2": 3, "n": [1, 2]}
+    assert get_dotted(m, "main.by_depth.2") == 3 and get_dotted(m, "main.x") is None
+    assert get_dotted(m, "n.x") is None

@@ -123,3 +123,17 @@ def test_real_checkpoint_preset_is_local_only(tmp_path):
     (tmp_path / "Qwen2.5-VL-7B-Instruct" / "config.json").write_text("{}")
     assert resolve("qwen2.5-vl-7b", cfg) == tmp_path / "Qwen2.5-VL-7B-Instruct"
     assert resolve("tiny", cfg) is None and resolve("smollm2-vl", cfg) is None
+
+
+def test_from_scratch_is_read_from_the_card_preset():
+    """One table says which parts of a preset start random: it drives LoRA-vs-full-FT, train base's
+    pass-through and freeze_vision: null."""
+    from pipeline.model.presets import freeze_vision, from_scratch
+    from pipeline.train.runner import use_lora
+
+    tiny, smol, real = {"preset": "tiny-xs"}, {"preset": "smollm2-vl"}, {"preset": "checkpoints/Qwen2.5-VL-7B"}
+    assert [from_scratch(c, "language") for c in (tiny, smol, real, {})] == [True, False, False, False]
+    assert [from_scratch(c, "vision") for c in (tiny, smol, real, {})] == [True, True, False, False]
+    assert [use_lora("auto", c) for c in (tiny, smol, real)] == [False, True, True]
+    assert [freeze_vision(None, c) for c in (tiny, smol, real)] == [True, True, False]
+    assert freeze_vision(False, tiny) is False and freeze_vision(True, real) is True

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.data.scenes import ATTRIBUTES, make_scene
+from pipeline.scenes import ATTRIBUTES, make_scene
 from pipeline.io import InputError
 from pipeline.policy import load_policy
 from pipeline.policy.clevr import ClevrPolicy, sample_policy

@@ -63,6 +63,8 @@ def world(tiny):
             return img
 
     class Pol:
+        name, version = "L2-Abc", "v1"
+
         def render(self, multimodal=False):
             return policy
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from pipeline.s3server import S3Server, free_ports
+from s3server import S3Server, free_ports
 
 
 def dvc(root, *args, check=True, env=None):

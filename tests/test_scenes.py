@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data.scenes import (ATTRIBUTES, COLOR_RGB, attribute_icon, import_clevr, make_scene, place_objects,
+from pipeline.scenes import (ATTRIBUTES, COLOR_RGB, attribute_icon, import_clevr, make_scene, place_objects,
                                   render_scene, sample_scene)
 from pipeline.io import InputError
 

@@ -219,7 +219,7 @@ def test_reinternalize_flow_with_s3_registry_leaks_no_credentials(dvc_repo, pref
 @pytest.mark.slow
 def test_dev_s3_server_keeps_the_keys_out_of_its_data_and_log(tmp_path, monkeypatch):
     from pipeline.registry import Registry
-    from pipeline.s3server import S3Server
+    from s3server import S3Server
     from pipeline.storage import open_storage
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
@@ -239,7 +239,7 @@ def test_make_s3_banner_does_not_echo_the_users_keys(tmp_path):
 
     env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
            "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.s3server", "--dir", str(tmp_path / "s3"), "--port",
+    proc = subprocess.Popen([sys.executable, str(REPO / "infra" / "s3server.py"), "--dir", str(tmp_path / "s3"), "--port",
                              str(_free_port()), "--bucket", "banner"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=REPO)
     banner = []
@@ -365,7 +365,7 @@ def _outside_png(tmp_path: Path) -> Path:
 
 
 def test_clevr_importer_refuses_a_symlink_out_of_the_root(tmp_path):
-    from pipeline.data.scenes import import_clevr
+    from pipeline.scenes import import_clevr
 
     root = tmp_path / "CLEVR_v1.0"
     shutil.copytree(REPO / "tests" / "fixtures" / "clevr" / "CLEVR_v1.0", root)
@@ -397,7 +397,8 @@ def test_user_benchmark_images_stay_in_their_folder(tmp_path, how):
 @pytest.mark.parametrize("how", ["absolute", "dotdot", "symlink"])
 def test_override_suite_refuses_specs_outside_the_dataset(tmp_path, how):
     from pipeline.evaluate import suites as S
-    from pipeline.policy import load_policies
+    from pipeline.data.records import open_dataset
+    from pipeline.policy import RenderCache, load_policies
 
     d = tmp_path / "clevr"
     assert main(["generate", "clevr", "--params", str(REPO / "params.yaml"), "--policies", str(REPO / "policies/clevr"),
@@ -419,12 +420,13 @@ def test_override_suite_refuses_specs_outside_the_dataset(tmp_path, how):
 
     class Never(S.Runner):
         def __init__(self):
-            self.model_dir, self.cfg, self.policies, self._rendered = "none", S.EvalConfig(), load_policies(REPO / "policies"), {}
+            self.model_dir, self.cfg, self.policies, self.render = "none", S.EvalConfig(), load_policies(REPO / "policies"), RenderCache()
+            self.budgets = {}
 
         def respond(self, ds, recs, policies, desc):
             raise AssertionError("nothing may reach the model")
 
-    ev = S.Evaluation(Never(), [S.open_dataset(d, "auto")], S.EvalConfig(), tmp_path / "preds")
+    ev = S.Evaluation(Never(), [open_dataset(d)], S.EvalConfig(), tmp_path / "preds")
     with pytest.raises(InputError, match=rf"override.jsonl: {rows[0]['id']}\.meta\.override_policy: expected a spec "
                                          "path inside the dataset"):
         ev.override()

@@ -10,7 +10,8 @@ from pipeline.cli import main as cli
 from pipeline.evaluate import suites as S
 from pipeline.evaluate.metrics import cited_conditions, gold_path_ids
 from pipeline.io import InputError
-from pipeline.policy import load_policies, load_policy
+from pipeline.data.records import open_dataset
+from pipeline.policy import RenderCache, load_policies, load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ class FakeRunner(S.Runner):
     otherwise emits a fixed wrong/malformed response."""
 
     def __init__(self, policies, internalized=None, skill=2, cfg=None):
-        self.model_dir, self.cfg, self.policies, self._rendered = "fake", cfg or S.EvalConfig(), policies, {}
+        self.model_dir, self.cfg, self.policies, self.render = "fake", cfg or S.EvalConfig(), policies, RenderCache()
         self.budgets = {}
         self.internalized = internalized if internalized is not None else policies
         self.skill = skill
@@ -55,7 +56,7 @@ class FakeRunner(S.Runner):
 
 def _eval(tmp_path, clevr_data, runner, **cfg):
     runner.cfg = S.EvalConfig(**cfg)
-    return S.Evaluation(runner, [S.open_dataset(clevr_data, "auto")], runner.cfg, tmp_path / "preds")
+    return S.Evaluation(runner, [open_dataset(clevr_data)], runner.cfg, tmp_path / "preds")
 
 
 def test_main_in_context_override_referral_on_crafted_responses(tmp_path, clevr_data):
@@ -107,7 +108,7 @@ def test_stale_data_and_bad_override_are_input_errors(tmp_path, clevr_data):
     (d / "test.jsonl").write_text("\n".join([json.dumps(rec)] + lines[1:]) + "\n")
     runner = FakeRunner(load_policies(ROOT / "policies"))
     runner.cfg = S.EvalConfig()
-    ev = S.Evaluation(runner, [S.open_dataset(d, "auto")], runner.cfg, tmp_path / "p")
+    ev = S.Evaluation(runner, [open_dataset(d)], runner.cfg, tmp_path / "p")
     with pytest.raises(InputError, match=rf"test.jsonl: {rec['id']}.policy_version: .*stale"):
         ev.main()
     o = json.loads((d / "override.jsonl").read_text().splitlines()[0])

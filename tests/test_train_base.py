@@ -122,7 +122,7 @@ def test_phase_max_objects_keeps_only_easy_scenes(setup):
 
 
 def test_token_targets_follow_the_scene_graph():
-    from pipeline.data.scenes import ATTRIBUTES
+    from pipeline.scenes import ATTRIBUTES
     from pipeline.train.vision import TARGETS, token_targets
 
     def obj(x, y, **attrs):
@@ -143,6 +143,10 @@ def test_token_targets_follow_the_scene_graph():
     # exactly one value per attribute on a covered token with a single object over it
     for a, vs in ATTRIBUTES.items():
         assert sum(Y[0, col[(a, v)]] for v in vs) == 1
+    # pairs belong to ONE object: the red cube and the blue sphere make no "red sphere" token
+    assert Y[0, col[("shape+color", "cube+red")]] == 1 and Y[0, col[("shape+material", "cube+metal")]] == 1
+    assert all(Y[i, col[("shape+color", "sphere+blue")]] for i in blue)
+    assert Y[:, col[("shape+color", "sphere+red")]].sum() == 0 and Y[:, col[("shape+color", "cube+blue")]].sum() == 0
     # the nearer object (larger y) occludes the farther one where they overlap
     front = {"image_size": [128, 128], "object_scale": 0.3,
              "objects": [obj(64, 60, color="green"), obj(64, 70, color="yellow")]}
@@ -157,7 +161,7 @@ def test_vision_phase_trains_only_the_vision_tower(setup):
     m = train_base(cfg, str(setup / "init"), str(setup / "data"), str(setup / "vis"), ckpt_dir=str(setup / "ck_vis"))
     ph = m["phases"][0]
     assert ph["objective"] == "vision" and ph["steps"] == 4
-    assert set(ph["eval"]["token_accuracy"]) == {"shape", "color", "size", "material", "object"}
+    assert set(ph["eval"]["token_accuracy"]) == {"shape", "color", "size", "material", "object", "pairs"}
     assert ph["eval"]["images"] == 10 and 0 <= ph["eval"]["image_existence"] <= 100  # test.jsonl's image records
     init, out = _state(setup / "init"), _state(setup / "vis")
     assert out.keys() == init.keys()  # the head was thrown away: a stock checkpoint

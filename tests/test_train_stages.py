@@ -129,7 +129,8 @@ def test_lora_zero3_adapters_nonzero_and_merge_matches(setup):
 
     from pipeline.model import load
     from pipeline.model.masking import encode
-    from pipeline.train.sft import SFTConfig, collate_fn, load_examples, train_sft
+    from pipeline.train.runner import collate_fn, load_examples
+    from pipeline.train.sft import SFTConfig, train_sft
 
     out = setup / "sft_lora"
     m = train_sft(_cfg(SFTConfig, max_steps=3, lora="on", deepspeed="zero3", lora_dropout=0.0),
@@ -186,7 +187,8 @@ def test_auto_freeze_keeps_a_from_scratch_tower_and_trains_all_the_rest(setup):
 
 
 def test_sft_policy_share_keeps_that_share_of_policies_in_context(setup, tmp_path):
-    from pipeline.train.sft import Example, keep_policy, load_examples
+    from pipeline.train.runner import Example, load_examples
+    from pipeline.train.sft import keep_policy
 
     ex = load_examples([str(setup / "data")], "cot.jsonl", policies_root=str(REPO / "policies"))
     assert all(e.policy is not None for e in ex) and len(ex) == 8

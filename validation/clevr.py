@@ -132,7 +132,7 @@ def _override_policy(data: Path, rel, cache: dict):
 def validate(data_dir, policies_dir, config: ValidateConfig | None = None) -> list[CheckResult]:
     """All checks of one ClevrPolicy dataset against the policies under ``policies_dir``."""
     from pipeline.data.records import ImageStore
-    from pipeline.policy import load_policies
+    from pipeline.policy import StaleRecord, load_policies, resolve_policy
 
     cfg = config or ValidateConfig()
     n_ex = cfg.example_rows
@@ -151,6 +151,7 @@ def validate(data_dir, policies_dir, config: ValidateConfig | None = None) -> li
         chk("manifest.json readable", [{"file": "manifest.json", "error": str(e)[:200]}])
     expected = manifest.get("files", {})
     parsed: dict[str, list[tuple[int, dict]]] = {}
+    records: dict[str, list] = {}  # the same lines as Records, in the same order
     for fname in FILES:
         p = data / fname
         if not p.exists():
@@ -159,6 +160,7 @@ def validate(data_dir, policies_dir, config: ValidateConfig | None = None) -> li
             continue
         good, bad = read_lenient(p)
         parsed[fname] = [(line, d) for line, d, _ in good]
+        records[fname] = [rec for _, _, rec in good]
         chk(f"{fname}: every line is a valid record", bad, "truncated or malformed JSONL / wrong fields")
     count_rows = [{"file": f, "manifest": n, "records": len(parsed.get(f, []))}
                   for f, n in expected.items() if len(parsed.get(f, [])) != n]
@@ -195,14 +197,21 @@ def validate(data_dir, policies_dir, config: ValidateConfig | None = None) -> li
     # ---- labels re-derived, versions, CoT
     wrong, stale, cot_bad, unknown = [], [], [], []
     for fname, rows in parsed.items():
-        for line, d in rows:
+        for (line, d), rec in zip(rows, records[fname]):
             rid = {"file": fname, "line": line, "id": d.get("id")}
             pol = policy_of(fname, d)
-            if pol is None or isinstance(pol, Exception):
-                unknown.append({**rid, "policy": d.get("policy"), "error": str(pol) if pol else "no such policy"})
+            if isinstance(pol, Exception):
+                unknown.append({**rid, "policy": d.get("policy"), "error": str(pol)})
                 continue
-            if d.get("policy_version") != pol.version:
+            try:  # the override spec is published under the record's policy name
+                pol = resolve_policy(rec, {rec.policy: pol} if fname == "override.jsonl" else policies, fname,
+                                     require_version=True)
+            except StaleRecord as e:
+                pol = e.policy  # stale, but the labels are still re-derived with the current policy
                 stale.append({**rid, "record_version": d.get("policy_version"), "policy_version": pol.version})
+            except InputError as e:
+                unknown.append({**rid, "policy": d.get("policy"), "error": str(e)})
+                continue
             scene = _meta(d).get("scene")
             try:
                 case, path = pol.evaluate(scene)

@@ -96,7 +96,7 @@ def validate(data_dir, policies_dir) -> list[CheckResult]:
 
     from pipeline.data.records import ImageStore
     from pipeline.io import InputError, input_error
-    from pipeline.policy import load_policy
+    from pipeline.policy import StaleRecord, load_policy, resolve_policy
     from pipeline.policy.gta import load_gta_policy
 
     data_dir = Path(data_dir)
@@ -163,7 +163,9 @@ def validate(data_dir, policies_dir) -> list[CheckResult]:
             if p is None:
                 wrong.append(_row(r, "override policy missing, unreadable or outside the dataset", ref=r.meta.get("override_policy")))
                 continue
-            if r.policy_version != p.version:
+            try:  # p is the policy file (or the override spec) this record is checked against; GE checks the name
+                resolve_policy(r, {r.policy: p}, f"{fname}.jsonl", require_version=True)
+            except StaleRecord:
                 stale.append(_row(r, "labels made under another policy version", record=r.policy_version, policy=p.version))
             if call is not None:
                 try:

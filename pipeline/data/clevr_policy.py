@@ -42,11 +42,12 @@ SPLITS = ("train", "test", "override")
 class GenerateClevrConfig:
     """``params.yaml: generate_clevr`` — sizes and scene settings of the ClevrPolicy datasets."""
 
-    train_per_policy: int = 200
-    """Answer-only training images per policy (paper: 2000 -> 20K for 10 policies)."""
-    cot_per_policy: int = 100
+    train_per_policy: int = 1500
+    """Answer-only training images per policy (paper: 2000 -> 20K for 10 policies). Rendering is cheap
+    (~1,700 PNG scenes/s); the training steps, not the data, bound the embedded run."""
+    cot_per_policy: int = 1500
     """Of those, how many also go to cot.jsonl with gold reasoning (paper: ~250 -> 2.5K)."""
-    test_per_policy: int = 50
+    test_per_policy: int = 100
     """Held-out test images per policy (paper: 200 -> 2K for 10 policies)."""
     override_per_policy: int = 50
     """Override-suite images per overridden policy (labels under the new tree)."""
@@ -79,7 +80,7 @@ class GenerateClevrConfig:
 
 
 def check_config(cfg: GenerateClevrConfig, params) -> None:
-    from pipeline.data.scenes import check_scene_settings
+    from pipeline.scenes import check_scene_settings
 
     sec = "generate_clevr"
     for f in ("train_per_policy", "cot_per_policy", "test_per_policy", "override_per_policy", "override_count"):
@@ -125,7 +126,7 @@ class _Builder:
         """(scene, image ref) pairs: scenes steered to leaves when balancing, rendered and stored."""
         import io
 
-        from pipeline.data.scenes import make_scene, render_scene, sample_scene
+        from pipeline.scenes import make_scene, render_scene, sample_scene
 
         cfg = self.cfg
         rng = random.Random(f"generate-clevr/{self.seed}/{policy.name}/{policy.version}/{split}")
@@ -154,7 +155,7 @@ class _Builder:
 
     def clevr(self, policy, split: str, n: int) -> list[tuple[dict, str]]:
         """(scene, image ref) pairs from real CLEVR, round-robin over the policy's leaves."""
-        from pipeline.data.scenes import import_clevr, read_clevr_image
+        from pipeline.scenes import import_clevr, read_clevr_image
 
         cfg = self.cfg
         csplit = cfg.clevr_train_split if split == "train" else cfg.clevr_test_split

@@ -46,13 +46,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline.data.records import ImageStore, Record, write_records
-from pipeline.data.scenes import ATTRIBUTES, all_combos, check_scene_settings, make_scene, render_scene
+from pipeline.scenes import (ATTR_NOUN, ATTRIBUTES, all_combos, check_scene_settings, describe, holds, make_scene, plural,
+                             render_scene)
 from pipeline.io import atomic_dir, atomic_write_json, input_error
 
 QTYPES = ("exist", "exist2", "attribute", "count", "objects", "text")
 IMAGE_QTYPES = QTYPES[:-1]
-ATTR_NOUN = {"shape": "shape", "color": "colour", "size": "size", "material": "material"}
-PHRASE_ORDER = ("size", "color", "material", "shape")
 COMBOS = all_combos()
 
 
@@ -60,11 +59,13 @@ COMBOS = all_combos()
 class GenerateGenericConfig:
     """``params.yaml: generate_generic`` — sizes and scene settings of the generic QA set."""
 
-    train: dict[str, int] = field(default_factory=lambda: {"exist": 6000, "exist2": 6000, "attribute": 2000,
-                                                           "count": 2000, "text": 2000})
-    """Training records per question type (each image question has its own image)."""
-    test_per_qtype: int = 100
-    """Held-out records per question type (test.jsonl = the forgetting probe set)."""
+    train: dict[str, int] = field(default_factory=lambda: {"exist": 4000, "exist2": 4000, "attribute": 2000,
+                                                           "count": 1000, "objects": 6000, "text": 1000})
+    """Training records per question type (each image question has its own image); object lists teach
+    attributes fastest (PERCEPTION.md §6)."""
+    test_per_qtype: int = 25
+    """Held-out records per question type (test.jsonl = the forgetting probe set and the held-out images of
+    train base's vision phase)."""
     image_size: int = 128
     """Image side in pixels (Qwen2.5-VL: one merged token per 28x28 px)."""
     object_scale: float = 0.14
@@ -72,8 +73,8 @@ class GenerateGenericConfig:
     object_scale_max: float = 0.0
     """Training scenes draw their object scale uniformly in [object_scale, object_scale_max] (0 = all at
     object_scale); test scenes always use object_scale. Larger objects bootstrap perception (PERCEPTION.md)."""
-    min_objects: int = 3
-    """Fewest objects per scene."""
+    min_objects: int = 1
+    """Fewest objects per scene (1-2-object scenes feed the first curriculum phase of ``train base``)."""
     max_objects: int = 6
     """Most objects per scene."""
     hard_negative_share: float = 0.5
@@ -83,24 +84,6 @@ class GenerateGenericConfig:
 
 
 # ----------------------------------------------------------------------------- words
-
-
-def describe(desc: dict[str, str], article: bool = True) -> str:
-    """``{"color": "red", "shape": "cube"}`` -> "a red cube"; ``{}`` -> "an object" (ClevrPolicy's wording)."""
-    words = [desc[a] for a in PHRASE_ORDER[:-1] if a in desc] + [desc.get("shape", "object")]
-    text = " ".join(words)
-    if not article:
-        return text
-    return ("an " if text[0] in "aeiou" else "a ") + text
-
-
-def plural(desc: dict[str, str]) -> str:
-    """"red cubes", "large objects", "spheres"."""
-    return describe(desc, article=False) + "s"
-
-
-def holds(obj: dict, desc: dict[str, str]) -> bool:
-    return all(obj.get(a) == v for a, v in desc.items())
 
 
 def _full(obj: dict) -> dict[str, str]:

@@ -1,16 +1,22 @@
 """The one record schema every stage reads and writes, and the sharded image store.
 
-A dataset directory looks like::
+A dataset directory (what ``trimpi generate clevr|gta|generic`` writes) looks like::
 
     data/clevr/
       images/shard-00000.zip ...      # PNG/JPEG files, stored (not compressed) in zip shards
-      policy_images/...               # optional: images that belong to a multimodal policy rendering
-      train.jsonl test.jsonl cot.jsonl cpt.jsonl rl.jsonl override.jsonl
+      train.jsonl                     # answer-only records (direct SFT, RL)
+      cot.jsonl                       # the subset with gold reasoning (VM-CPT, CoT SFT)
+      test.jsonl override.jsonl       # evaluation (override: + override_policies/<name>.yaml)
       manifest.json                   # sizes, label distribution, policy versions, params used
 
 Each JSONL row is a :class:`Record`. Images are referenced as ``"<shard>.zip/<member>"``
 relative to the dataset directory, so a dataset is a handful of files, not hundreds of
 thousands, and the reference survives a move of the whole directory.
+
+Every stage opens a dataset the same way, :func:`open_dataset` (the directory, its image store,
+its manifest and the policy rendering it was made for), and reads a split with
+:meth:`Dataset.records` (training: the file must exist) or :func:`split_records` (evaluation: an
+absent split is empty, an optional cap spreads over policies).
 """
 from __future__ import annotations
 
@@ -204,3 +210,61 @@ class ImageStore:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# ----------------------------------------------------------------------------- a dataset directory
+
+
+@dataclass
+class Dataset:
+    """One dataset directory (``data/clevr``): where its records and images are, and how its policies render."""
+
+    root: Path
+    store: ImageStore
+    manifest: dict
+    multimodal: bool
+    """Render policies with their images (ClevrPolicy-M): the manifest's choice unless the caller forced one."""
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    def records(self, file: str) -> list[Record]:
+        """Every record of ``file`` (e.g. ``cot.jsonl``); a missing file is an InputError."""
+        return read_records(self.root / file)
+
+
+def open_dataset(path: str | os.PathLike, multimodal: bool | None = None) -> Dataset:
+    """Open a dataset directory; ``multimodal`` None = the policy rendering its manifest records."""
+    from pipeline.io import read_json
+
+    root = Path(path)
+    if not root.is_dir():
+        raise input_error(root, "--data", "an existing dataset directory (trimpi generate ...)")
+    manifest = read_json(root / "manifest.json") if (root / "manifest.json").exists() else {}
+    if not isinstance(manifest, dict):
+        raise input_error(root / "manifest.json", None, "a JSON object", type(manifest).__name__)
+    if multimodal is None:
+        # clevr records the choice at the top level and in its config; older manifests only in the config
+        conf = manifest.get("config")
+        multimodal = bool(manifest.get("multimodal", conf.get("multimodal", False) if isinstance(conf, dict) else False))
+    return Dataset(root, ImageStore(root), manifest, multimodal)
+
+
+def split_records(ds: Dataset, split: str, limit: int = 0) -> list[Record]:
+    """Records of ``<split>.jsonl`` (none when the dataset has no such split), at most ``limit`` (0 = all)."""
+    path = ds.root / f"{split}.jsonl"
+    if not path.exists():
+        return []
+    recs = read_records(path)
+    if not limit or len(recs) <= limit:
+        return recs
+    # round-robin over policies: the files are grouped by policy, and the first `limit` records
+    # would score one policy only
+    by_policy: dict[str, list[Record]] = {}
+    for r in recs:
+        by_policy.setdefault(r.policy, []).append(r)
+    queues = list(by_policy.values())
+    picked = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)][:limit]
+    order = {id(r): i for i, r in enumerate(recs)}
+    return sorted(picked, key=lambda r: order[id(r)])

@@ -55,14 +55,13 @@ def prefill_seconds(model, batch: dict, repeats: int) -> float:
 
 def measure(ev) -> dict | None:
     """Run the suite for an :class:`pipeline.evaluate.suites.Evaluation`; None when nothing to time."""
+    from pipeline.data.records import split_records
     from pipeline.model.masking import encode
     from pipeline.model.prompts import build_messages
 
     runner, cfg = ev.runner, ev.cfg
     rows = []
     for ds in ev.datasets:
-        from pipeline.evaluate.suites import split_records
-
         pool = [r for r in split_records(ds, "test", 0) if r.task in ("clevr", "gta")]
         # evenly spaced over the test file, which is ordered by policy: every policy gets timed
         step = max(1, len(pool) // max(1, cfg.efficiency_samples))

@@ -188,28 +188,3 @@ def reduction_pct(with_policy: float | None, internalized: float | None) -> floa
 def mean(values: Iterable[float | None]) -> float | None:
     vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return round(sum(vals) / len(vals), 2) if vals else None
-
-
-# ----------------------------------------------------------------------------- metrics dicts
-
-
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {"a.b.c": scalar}; lists are kept as values (what `dvc metrics show` does)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key))
-        else:
-            out[key] = v
-    return out
-
-
-def get_dotted(d: Mapping[str, Any], key: str) -> Any:
-    """``get_dotted(m, "main.score")``; ``None`` when any part is missing."""
-    node: Any = d
-    for part in key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node

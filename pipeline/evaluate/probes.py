@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.records import ImageStore, Record, read_records
+from pipeline.data.records import Record, open_dataset, split_records
 from pipeline.evaluate import metrics as M
 from pipeline.io import file_hash, input_error, read_jsonl
 
@@ -84,14 +84,14 @@ def probe_sets(probes_dir: Path | None, cfg) -> list[tuple[str, ProbeSource, lis
     sets = []
     if probes_dir is not None and (probes_dir / "test.jsonl").exists():
         f = probes_dir / "test.jsonl"
-        recs = [r for r in read_records(f) if r.task in ("generic", "text")]
+        ds = open_dataset(probes_dir, multimodal=False)
+        recs = [r for r in split_records(ds, "test") if r.task in ("generic", "text")]
         for r in recs:
             r.meta.setdefault("qtype", r.task)
             if r.task == "text":  # the text-only set is reported as one group
                 r.meta["qtype"] = "text"
         if recs:
-            sets.append((dataset_key(f), ProbeSource(probes_dir, ImageStore(probes_dir), file_hash(f),
-                                                      name=probes_dir.name),
+            sets.append((dataset_key(f), ProbeSource(probes_dir, ds.store, file_hash(f), name=probes_dir.name),
                          recs[:cfg.max_examples] if cfg.max_examples else recs))
     for b in cfg.benchmarks:
         p = Path(b)

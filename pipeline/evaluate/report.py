@@ -45,7 +45,7 @@ import math
 import statistics
 from pathlib import Path
 
-from pipeline.evaluate.metrics import get_dotted
+from pipeline.config import get_dotted
 from pipeline.io import atomic_write_json, atomic_write_text, input_error, read_json
 
 ACC = "Acc mean"

@@ -29,13 +29,13 @@ judge in ``judge.py``; prefill timing in ``efficiency.py``.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.records import ImageStore, Record, read_records
+from pipeline.config import get_dotted
+from pipeline.data.records import Dataset, Record, open_dataset, split_records
 from pipeline.evaluate import metrics as M
 from pipeline.evaluate.probes import probe_rows, probe_sets, dataset_key
 from pipeline.io import atomic_write_json, atomic_write_text, file_hash, input_error, write_jsonl
@@ -88,51 +88,14 @@ class EvalConfig:
 # ----------------------------------------------------------------------------- data
 
 
-@dataclass
-class Dataset:
-    """One dataset dir (``data/clevr``) with its image store and policy-rendering mode."""
-
-    root: Path
-    store: ImageStore
-    multimodal: bool
-
-    @property
-    def name(self) -> str:
-        return self.root.name
+RENDERINGS = {"auto": None, "text": False, "multimodal": True}
+"""``evaluate.multimodal_policy`` -> ``open_dataset``'s ``multimodal`` (None: as the manifest says)."""
 
 
-def open_dataset(path: str | os.PathLike, mode: str) -> Dataset:
-    root = Path(path)
-    if not root.is_dir():
-        raise input_error(root, None, "a dataset directory (trimpi generate ...)")
-    multimodal = mode == "multimodal"
-    if mode == "auto" and (root / "manifest.json").exists():
-        from pipeline.io import read_json
-
-        man = read_json(root / "manifest.json")
-        conf = man.get("config", man) if isinstance(man, dict) else {}
-        multimodal = bool(conf.get("multimodal", False)) if isinstance(conf, dict) else False
-    elif mode not in ("auto", "text", "multimodal"):
+def open_datasets(paths: list[str], mode: str) -> list[Dataset]:
+    if mode not in RENDERINGS:
         raise input_error("params.yaml", "evaluate.multimodal_policy", "auto, text or multimodal", mode)
-    return Dataset(root, ImageStore(root), multimodal)
-
-
-def split_records(ds: Dataset, split: str, limit: int) -> list[Record]:
-    path = ds.root / f"{split}.jsonl"
-    if not path.exists():
-        return []
-    recs = read_records(path)
-    if not limit or len(recs) <= limit:
-        return recs
-    # round-robin over policies: the files are grouped by policy, and the first `limit` records
-    # would score one policy only
-    by_policy: dict[str, list[Record]] = {}
-    for r in recs:
-        by_policy.setdefault(r.policy, []).append(r)
-    queues = list(by_policy.values())
-    picked = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)][:limit]
-    order = {id(r): i for i, r in enumerate(recs)}
-    return sorted(picked, key=lambda r: order[id(r)])
+    return [open_dataset(p, RENDERINGS[mode]) for p in paths]
 
 
 # ----------------------------------------------------------------------------- generation
@@ -143,31 +106,20 @@ class Runner:
 
     def __init__(self, model_dir: str, cfg: EvalConfig, policies: dict, threads: int):
         from pipeline.model import load
+        from pipeline.policy import RenderCache
 
         self.model_dir = model_dir
         self.model, self.processor = load(model_dir, threads=threads)
         self.cfg = cfg
         self.policies = policies
-        self._rendered: dict = {}
+        self.render = RenderCache()
         self.budgets: dict[str, int] = {}
         """max_new_tokens used per respond() call (keyed by its description), for the metrics."""
 
-    def render(self, policy, multimodal: bool):
-        key = (policy.name, policy.version, multimodal)
-        if key not in self._rendered:
-            self._rendered[key] = policy.render(multimodal=multimodal)
-        return self._rendered[key]
-
     def policy_of(self, rec: Record, where: str):
-        pol = self.policies.get(rec.policy)
-        if pol is None:
-            raise input_error(where, f"{rec.id}.policy", "a policy under --policies (" + ", ".join(sorted(self.policies)) + ")",
-                              rec.policy)
-        if rec.policy_version and rec.policy_version != pol.version:
-            raise input_error(where, f"{rec.id}.policy_version",
-                              f"{pol.version} (current {pol.name}); the data is stale: re-run `trimpi generate`",
-                              rec.policy_version)
-        return pol
+        from pipeline.policy import resolve_policy
+
+        return resolve_policy(rec, self.policies, where)
 
     def conversations(self, ds: Dataset, recs: list[Record], policies: list | None) -> list[list[dict]]:
         from pipeline.model.prompts import build_messages
@@ -309,7 +261,7 @@ class Evaluation:
         return summarize(rows)
 
     def override(self) -> dict | None:
-        from pipeline.policy import load_policy
+        from pipeline.policy import load_policy, resolve_policy
 
         rows, found, loaded = [], False, {}
         for ds, recs in self._records("override"):
@@ -329,10 +281,7 @@ class Evaluation:
                 pol = loaded[p] = loaded[p] if p in loaded else load_policy(p)
                 if pol.name != r.policy:
                     raise input_error(p, "name", f"the original policy name {r.policy!r} (published under it)", pol.name)
-                if r.policy_version and r.policy_version != pol.version:
-                    raise input_error(ds.root / "override.jsonl", f"{r.id}.policy_version",
-                                      f"{pol.version} (the override spec); the data is stale", r.policy_version)
-                pols.append(pol)
+                pols.append(resolve_policy(r, {pol.name: pol}, ds.root / "override.jsonl"))
             rows += self.score(recs, self.runner.respond(ds, recs, pols, f"override {ds.name}"), "override-in-context")
         if not found:
             print("evaluate: override suite skipped: no override.jsonl in the datasets", file=sys.stderr)
@@ -445,7 +394,7 @@ def run_evaluate(args) -> int:
 
     torch.manual_seed(base.seed)
     policies = load_policies(args.policies)
-    datasets = [open_dataset(d, cfg.multimodal_policy) for d in args.data]
+    datasets = open_datasets(args.data, cfg.multimodal_policy)
     preds = Path(args.preds)
     preds.mkdir(parents=True, exist_ok=True)
     runner = Runner(args.model, cfg, policies, base.threads)
@@ -484,6 +433,6 @@ def print_summary(metrics: dict, out: str) -> None:
             "efficiency.token_reduction_pct", "efficiency.prefill_reduction_pct"]
     print(f"evaluate: {metrics['model']} -> {out}")
     for k in keys:
-        v = M.get_dotted(metrics, k)
+        v = get_dotted(metrics, k)
         if v is not None:
             print(f"  {k:<34} {v}")

@@ -27,8 +27,9 @@ TINY = {
     "tiny": dict(text_hidden=192, text_layers=3, text_heads=4, kv_heads=2, vis_dim=96, vis_depth=2, vis_heads=2),
     "tiny-xs": dict(text_hidden=128, text_layers=2, text_heads=4, kv_heads=2, vis_dim=64, vis_depth=2, vis_heads=2),
 }
-BUILT_IN = (*TINY, "smollm2-vl")
-"""Presets built in code with a freshly initialised vision tower."""
+BUILT_IN: dict[str, tuple[str, ...]] = {**{name: ("language", "vision") for name in TINY}, "smollm2-vl": ("vision",)}
+"""Presets built in code -> the parts of the model that start from random weights (SmolLM2's language
+model is pretrained; its vision tower is fresh). Every "is this from scratch?" question reads this."""
 REAL = {"qwen2.5-vl-3b": "Qwen2.5-VL-3B-Instruct", "qwen2.5-vl-7b": "Qwen2.5-VL-7B-Instruct"}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -52,22 +53,20 @@ class ModelInitConfig:
 # ----------------------------------------------------------------------------- what a checkpoint is
 
 
-def random_language_model(card: dict) -> bool:
-    """The language model started from random weights (the tiny presets): LoRA cannot teach it anything
-    beyond the answer template, so supervised stages fine-tune it fully."""
-    return card.get("preset") in TINY
-
-
-def random_vision_tower(card: dict) -> bool:
-    """The vision tower started random (every preset built in code): ``train base`` must teach it to see."""
-    return card.get("preset") in BUILT_IN
+def from_scratch(card: dict, part: str) -> bool:
+    """Did ``part`` (``"language"`` or ``"vision"``) of the checkpoint whose ``model_card.json`` is ``card``
+    start from random weights? A random language model gets a full fine-tune instead of LoRA (LoRA cannot
+    teach it beyond the answer template); a random vision tower must be taught to see by ``train base``."""
+    if part not in ("language", "vision"):
+        raise ValueError(f"part: expected language or vision, got {part!r}")
+    return part in BUILT_IN.get(card.get("preset"), ())
 
 
 def freeze_vision(setting: bool | None, card: dict) -> bool:
     """Resolve a stage's ``freeze_vision``: ``None`` (auto) freezes a tower that ``train base`` trained from
     scratch — language-model gradients erase what it learned (benchmarks/PERCEPTION.md §8) — and leaves a
     pretrained checkpoint's tower trainable (the paper fine-tunes it with the rest)."""
-    return random_vision_tower(card) if setting is None else setting
+    return from_scratch(card, "vision") if setting is None else setting
 
 
 # ----------------------------------------------------------------------------- tiny
@@ -198,7 +197,7 @@ def build_smollm2_vl(seed: int = 0, cfg: ModelInitConfig | None = None, return_s
 def resolve(name: str, cfg: ModelInitConfig | None = None) -> Path | None:
     """Directory of a real checkpoint / local path, or None for a preset that is built in code."""
     cfg = cfg or ModelInitConfig()
-    if name in TINY or name == "smollm2-vl":
+    if name in BUILT_IN:
         return None
     p = Path(cfg.checkpoints_dir) / REAL[name] if name in REAL else Path(name)
     if not (p / "config.json").exists():

@@ -8,6 +8,11 @@ A policy is a YAML file under ``policies/`` with a ``kind`` (``clevr`` decision 
 * ``render(multimodal=False) -> RenderedPolicy`` — the exact text (and policy images) that
   goes in context. There is exactly one renderer per kind; training, evaluation and the
   efficiency suite all call it.
+
+A record names the policy it was labelled under (``policy``, ``policy_version``);
+:func:`resolve_policy` is the one lookup every reader of records uses (training, RL, the
+evaluation suites, the validators), so stale data fails the same way everywhere, and
+:class:`RenderCache` renders each policy once per run.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.io import input_error, load_yaml, stable_hash
+from pipeline.io import InputError, input_error, load_yaml, stable_hash
 
 
 @dataclass
@@ -96,3 +101,48 @@ def load_policies(root: str | os.PathLike = "policies", kind: str | None = None)
 def policies_version(root: str | os.PathLike = "policies", kind: str | None = None) -> str:
     """One hash over every policy's version: what 'the policies changed' means to the pipeline."""
     return stable_hash({name: pol.version for name, pol in load_policies(root, kind).items()})
+
+
+# ----------------------------------------------------------------------------- a record's policy
+
+
+class StaleRecord(InputError):
+    """A record labelled under another version of its policy (the data must be regenerated)."""
+
+    def __init__(self, message: str, policy):
+        super().__init__(message)
+        self.policy = policy
+        """The current policy of that name (validators still re-derive labels with it)."""
+
+
+def resolve_policy(record, policies: dict, where: str | os.PathLike | None = None, *, require_version: bool = False):
+    """The policy ``record`` was labelled under: looked up by name, at the version the record names.
+
+    An unknown name is an InputError, a version mismatch a :class:`StaleRecord` (an InputError);
+    both name ``where`` and the record. A record without a version passes unless
+    ``require_version`` (the validators: every generator records it).
+    """
+    pol = policies.get(record.policy)
+    if pol is None:
+        raise input_error(where, f"{record.id}.policy",
+                          "a policy under --policies (" + ", ".join(sorted(policies)) + ")", record.policy)
+    if (record.policy_version or require_version) and record.policy_version != pol.version:
+        err = input_error(where, f"{record.id}.policy_version",
+                          f"{pol.version} (the current {pol.path or pol.name}); the data is stale: "
+                          "re-run `trimpi generate`", record.policy_version)
+        raise StaleRecord(str(err), pol)
+    return pol
+
+
+class RenderCache:
+    """One rendering per (policy name, version, multimodal): the text is built once and the policy
+    images are shared PIL objects, however many records refer to the policy."""
+
+    def __init__(self):
+        self._done: dict[tuple[str, str, bool], RenderedPolicy] = {}
+
+    def __call__(self, policy, multimodal: bool = False) -> RenderedPolicy:
+        key = (policy.name, policy.version, bool(multimodal))
+        if key not in self._done:
+            self._done[key] = policy.render(multimodal=multimodal)
+        return self._done[key]

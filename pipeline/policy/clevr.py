@@ -47,12 +47,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.scenes import ATTRIBUTES, all_combos
+from pipeline.scenes import ATTR_NOUN, ATTRIBUTES, all_combos, describe
+from pipeline.scenes import holds as _holds  # a local `holds` (a condition's truth) is common below
 from pipeline.io import input_error, stable_hash
 from pipeline.policy import RenderedPolicy
 
-PHRASE_ORDER = ("size", "color", "material", "shape")  # "a small cyan metal cube"
-ATTR_NOUN = {"shape": "shape", "color": "colour", "size": "size", "material": "material"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 CASE_RE = re.compile(r"^Case [0-9]+$")
@@ -83,10 +82,6 @@ class Condition:
     if_false: str
 
 
-def _holds(obj: dict, conj: Conj) -> bool:
-    return all(obj.get(a) == v for a, v in conj)
-
-
 def _with(conj: Conj, attr: str, value: str) -> Conj:
     return tuple(sorted(conj + ((attr, value),)))
 
@@ -97,16 +92,6 @@ def _possible(pos: Conj, negs: list[Conj], not_also: Conj | None = None) -> dict
         if _holds(o, pos) and not any(_holds(o, n) for n in negs) and not (not_also and _holds(o, not_also)):
             return o
     return None
-
-
-def describe(conj: Conj, article: bool = True) -> str:
-    """``(('color','cyan'),('shape','cube'))`` -> "a cyan cube"; ``()`` -> "an object"."""
-    d = dict(conj)
-    words = [d[a] for a in PHRASE_ORDER[:-1] if a in d] + [d.get("shape", "object")]
-    text = " ".join(words)
-    if not article:
-        return text
-    return ("an " if text[0] in "aeiou" else "a ") + text
 
 
 class ClevrPolicy:
@@ -246,16 +231,25 @@ class ClevrPolicy:
     # -------------------------------------------------------------------- text
 
     def reasoning(self, scene: dict) -> str:
-        """Gold chain of thought: walks the tree citing condition ids; the last sentence states the case."""
+        """Gold chain of thought: walks the tree citing condition ids; the last sentence states the case.
+
+        The object named for a condition that holds is the one that also satisfies the most later
+        holding conditions of the path (the first in scene order among equals), so one object carries
+        the chain where it can: "is there a cube? Yes, a small brown rubber cube ..." then "is there a
+        rubber cube? Yes, a small brown rubber cube ...". Naming the first cube instead (a metal one)
+        taught the model chains that contradict themselves at the next step.
+        """
         case, path = self.evaluate(scene)
         parts = [f"I follow Policy: {self.name} from Condition {self.root}."]
-        for cid, holds in path:
+        for i, (cid, holds) in enumerate(path):
             q = self.question(cid)
             n = self.nodes[cid]
             nxt = n.if_true if holds else n.if_false
             go = f"the response is {nxt}" if nxt not in self.nodes else f"I go to Condition {nxt}"
             if holds:
-                obj = next(o for o in scene["objects"] if _holds(o, q))
+                later = [self.question(c) for c, h in path[i + 1:] if h]
+                obj = max((o for o in scene["objects"] if _holds(o, q)),
+                          key=lambda o: sum(_holds(o, q2) for q2 in later))  # max keeps the first of equals
                 full = tuple(sorted((a, obj[a]) for a in ATTRIBUTES))
                 parts.append(f"Condition {cid} asks: is there {describe(q)}? Yes, {describe(full)} is in the image, so {go}.")
             else:
@@ -267,10 +261,10 @@ class ClevrPolicy:
         """The exact in-context policy: general instruction, name, one section per condition.
 
         Multimodal (-M): every other condition (in depth-first order, starting with the root)
-        shows its own attribute value as an icon (:func:`pipeline.data.scenes.attribute_icon`)
+        shows its own attribute value as an icon (:func:`pipeline.scenes.attribute_icon`)
         instead of a word; values inherited from the context stay words.
         """
-        from pipeline.data.scenes import attribute_icon
+        from pipeline.scenes import attribute_icon
 
         parts: list[Any] = []
 

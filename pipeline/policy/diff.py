@@ -161,7 +161,7 @@ def _summary(pol) -> list[str]:
 
 
 def _node_text(pol, cid: str) -> str:
-    from pipeline.policy.clevr import describe
+    from pipeline.scenes import describe
 
     n = pol.nodes[cid]
     return (f"is there {describe(pol.question(cid))}? yes -> {_ref(pol, n.if_true)}, "
@@ -174,7 +174,7 @@ def _ref(pol, ref: str) -> str:
 
 def case_text(pol, case: str) -> str:
     """When a ClevrPolicy case is the response: its positive description and the excluded ones."""
-    from pipeline.policy.clevr import describe
+    from pipeline.scenes import describe
 
     pos, negs = pol.context[case]
     parts = ([f"there is {describe(pos)}"] if pos else []) + [f"no {describe(n, False)}" for n in negs]

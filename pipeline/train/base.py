@@ -16,8 +16,8 @@ How it trains (findings and measurements in ``benchmarks/PERCEPTION.md``):
   every visual token learns the attributes of the object under it from the scene graphs of the
   same generic images. Without it the tower never learned shape, size or material through the
   language model (one answer token per image is too little signal for a random ViT);
-* then full fine-tunes with the shared DeepSpeed engine and supervised loop of CPT/SFT
-  (:func:`pipeline.train.sft.run_supervised`: resumable checkpoints, ``train_log.csv``), loss on
+* then full fine-tunes with the shared runner of CPT/SFT
+  (:func:`pipeline.train.runner.run_supervised`: resumable checkpoints, ``train_log.csv``), loss on
   the response only;
 * a **curriculum** of phases, each one ``run_supervised`` call on a subset of question types and,
   optionally, of scenes with at most ``max_objects`` objects (``phases``; params.yaml: object lists
@@ -74,7 +74,14 @@ class BaseTrainConfig(TrainConfig):
 
     lr: float = 2e-3
     """Peak learning rate (full fine-tune of a random tiny model)."""
-    phases: list[Phase] = field(default_factory=lambda: [Phase(objective="vision", epochs=2.0, batch_size=32)])
+    warmup_ratio: float = 0.05
+    """Fraction of each phase's optimizer steps with linear warm-up."""
+    save_every: int = 100
+    """Checkpoint every N optimizer steps (resume after an interruption)."""
+    phases: list[Phase] = field(default_factory=lambda: [
+        # the tower alone, per-token scene-graph labels (PERCEPTION.md §8); generic QA phases on top teach
+        # counting and object lists but not existence, and the policy stages learn without them
+        Phase(objective="vision", epochs=2.0, batch_size=32)])
     """The curriculum, in order; ``epochs`` of the section is ignored when phases are given."""
     data_file: str = "train.jsonl"
     """Records file inside --data."""
@@ -159,8 +166,8 @@ def caption_hits(text: str, scene: dict) -> dict[str, list[int]]:
     Objects missing from the list count as misses; extra ones are ignored."""
     import re
 
-    from pipeline.data.generic_qa import PHRASE_ORDER, _left_to_right
-    from pipeline.data.scenes import ATTRIBUTES
+    from pipeline.data.generic_qa import _left_to_right
+    from pipeline.scenes import ATTRIBUTES, PHRASE_ORDER
 
     alt = {a: "|".join(ATTRIBUTES[a]) for a in PHRASE_ORDER}
     pat = re.compile(r"\ban? " + " ".join(f"({alt[a]})" for a in PHRASE_ORDER) + r"\b")
@@ -181,7 +188,7 @@ def n_objects(record) -> int:
 
 
 def _phase_examples(data: str, cfg: BaseTrainConfig, phase: Phase):
-    from pipeline.train.sft import load_examples
+    from pipeline.train.runner import load_examples
 
     examples = load_examples([data], cfg.data_file)
     if phase.qtypes:
@@ -198,8 +205,8 @@ def _phase_examples(data: str, cfg: BaseTrainConfig, phase: Phase):
 def train_base(cfg: BaseTrainConfig, model: str, data: str, out: str, seed: int = 0, threads: int = 1,
                ckpt_dir: str | None = None, on_step=None, params="params.yaml") -> dict:
     """Library entry point of the stage (the CLI and the tests call this); returns the metrics."""
-    from pipeline.model.presets import random_vision_tower
-    from pipeline.train.sft import model_card, run_supervised
+    from pipeline.model.presets import from_scratch
+    from pipeline.train.runner import model_card, run_supervised
 
     check_config(cfg, params)
     if not (Path(model) / "config.json").exists():
@@ -207,7 +214,7 @@ def train_base(cfg: BaseTrainConfig, model: str, data: str, out: str, seed: int 
     if not (Path(data) / cfg.data_file).exists():
         raise input_error(Path(data) / cfg.data_file, "--data", "a generic QA dataset (trimpi generate generic)")
     card = model_card(model)
-    if cfg.skip_pretrained and not random_vision_tower(card):
+    if cfg.skip_pretrained and not from_scratch(card, "vision"):
         return _pass_through(model, out, card)
 
     # Each phase writes a checkpoint dir under <out>.phases/, keyed by everything that determines it
@@ -262,9 +269,7 @@ def train_base(cfg: BaseTrainConfig, model: str, data: str, out: str, seed: int 
         print("train base: held-out accuracy " + ", ".join(
             f"{q} {a}% (majority {metrics['eval']['majority'][q]}%)" for q, a in metrics["eval"]["accuracy"].items()))
     with atomic_dir(out) as tmp:
-        for f in Path(prev).iterdir():
-            if f.is_file():
-                shutil.copy2(f, tmp / f.name)
+        _copy_files(prev, tmp)
         logs = [Path(work) / p.name / "train_log.csv" for p in sorted(work.iterdir())] if work.exists() else []
         _concat_logs([p for p in logs if p.exists()], tmp / "train_log.csv")
         card = model_card(prev)
@@ -308,13 +313,18 @@ def _concat_logs(paths: list[Path], out: Path) -> None:
         w.writerows(rows)
 
 
+def _copy_files(src, dst: Path) -> None:
+    """The files of checkpoint dir ``src`` (weights, processor, card) into ``dst``."""
+    for f in Path(src).iterdir():
+        if f.is_file():
+            shutil.copy2(f, dst / f.name)
+
+
 def _pass_through(model: str, out: str, card: dict) -> dict:
     metrics = {"stage": "base", "preset": card.get("preset"), "skipped": True,
                "reason": "pretrained checkpoint: it already perceives images (train_base.skip_pretrained)"}
     with atomic_dir(out) as tmp:
-        for f in Path(model).iterdir():
-            if f.is_file():
-                shutil.copy2(f, tmp / f.name)
+        _copy_files(model, tmp)
         atomic_write_json(tmp / "metrics.json", metrics)
     print(f"train base: {card.get('preset') or model} is pretrained, passed through -> {out}")
     return metrics
@@ -324,20 +334,20 @@ def _pass_through(model: str, out: str, card: dict) -> dict:
 
 
 def configure_train(parser) -> None:
-    parser.add_argument("--model", required=True, help="input checkpoint dir (models/init)")
-    parser.add_argument("--data", required=True, help="generic QA dataset dir (data/generic)")
-    parser.add_argument("--out", required=True, help="output checkpoint dir (models/base, written atomically)")
-    parser.add_argument("--metrics", default=None, help="also copy metrics.json here (e.g. metrics/base.json)")
-    parser.add_argument("--ckpt-dir", default=None, help="resume checkpoints (default: .trimpi/ckpt/<stage>-<hash>)")
+    from pipeline.train.runner import add_common_args
+
+    # one generic QA dataset (data/generic); the phases' logs are concatenated inside --out
+    add_common_args(parser, several=False, log=False)
 
 
 def run_train(args) -> int:
     from pipeline.config import load_base, load_section
 
+    from pipeline.train.runner import publish
+
     base = load_base(args.params)
     cfg = load_section(BaseTrainConfig, "train_base", args.params, args.overrides)
-    m = train_base(cfg, args.model, args.data, args.out, seed=base.seed, threads=base.threads,
-                   ckpt_dir=args.ckpt_dir, params=args.params)
-    if args.metrics:
-        atomic_write_json(args.metrics, m)
+    train_base(cfg, args.model, args.data, args.out, seed=base.seed, threads=base.threads,
+               ckpt_dir=args.ckpt_dir, params=args.params)
+    publish(args.out, args.metrics, None)
     return 0

@@ -11,8 +11,8 @@ record was labelled with (else the data is stale: regenerate it). Whether the mu
 rendering is used comes from the dataset's ``manifest.json`` (``multimodal``).
 
 Paper (Table 5) vs tiny CPU default: 5 epochs, lr 1e-5, batch 16x8 (ClevrPolicy) / 8x8 (GTA)
-on 8 H100s; tiny: 3 epochs, lr 1e-3, batch 8, one core. The runner is shared with SFT
-(:func:`pipeline.train.sft.run_supervised`).
+on 8 H100s; tiny: 3 epochs, lr 1e-3, batch 8, one core. Everything but the choice of data and
+labels is the shared runner (:func:`pipeline.train.runner.run_supervised`).
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ class CPTConfig(TrainConfig):
 
     epochs: float = 3.0
     """Passes over cot.jsonl (paper: 5)."""
+    max_steps: int = 300
+    """Tiny default: 300 steps of 8 (0.8 epoch of the 3,000 CoT records); 0 = run all epochs."""
     lr: float = 1e-3
     """Peak learning rate (paper, 7B: 1e-5; tiny random model: 1e-3)."""
     data_file: str = "cot.jsonl"
@@ -36,14 +38,14 @@ class CPTConfig(TrainConfig):
 
 
 def configure_train(parser) -> None:
-    from pipeline.train.sft import add_common_args
+    from pipeline.train.runner import add_common_args
 
     add_common_args(parser, policies=True)
 
 
 def run_train(args) -> int:
     from pipeline.config import load_base, load_section
-    from pipeline.train.sft import publish
+    from pipeline.train.runner import publish
 
     base = load_base(args.params)
     cfg = load_section(CPTConfig, "cpt", args.params, args.overrides)
@@ -56,7 +58,7 @@ def run_train(args) -> int:
 def train_cpt(cfg: CPTConfig, model: str, data: list[str], policies: str, out: str, seed: int = 0,
               threads: int = 1, ckpt_dir: str | None = None, on_step=None) -> dict:
     """Library entry point of the stage (the CLI and the tests call this)."""
-    from pipeline.train.sft import load_examples, run_supervised
+    from pipeline.train.runner import load_examples, run_supervised
 
     if not (Path(model) / "config.json").exists():
         raise input_error(model, "--model", "a checkpoint dir with config.json (e.g. models/init)")

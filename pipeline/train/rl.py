@@ -16,7 +16,8 @@ Why our own loop rather than TRL's GRPOTrainer: TRL treats injected completions 
 (its old log-probs are the sampling ones, i.e. the WITH-policy prompt for the PoRo half) and its
 ``rollout_func`` drops structured images, so an exact PolicyRollout needed surgery in
 ``_generate`` and ``_compute_loss`` (environment-notes §3.3). This file is the whole algorithm
-instead, and every number in the loss has one obvious origin.
+instead, and every number in the loss has one obvious origin. Without PolicyRollout the loss is
+TRL's: ``tests/test_rl_reference.py`` checks loss and gradient against ``GRPOTrainer._compute_loss``.
 
 Where this departs from textbook GRPO (DeepSeekMath) and DAPO, on purpose:
 
@@ -339,24 +340,25 @@ class RLEngine:
 # ----------------------------------------------------------------------------- the stage
 
 
-def load_items(data_dirs: list[str], cfg: RLConfig):
-    """(items, stores, multimodal) from the ``--data`` dirs: items are (data dir, Record)."""
-    from pipeline.data.records import ImageStore, read_records
-    from pipeline.io import input_error, read_json
+def load_items(data_dirs: list[str], cfg: RLConfig, policies: dict):
+    """(items, stores, multimodal) from the ``--data`` dirs: items are (data dir, Record); every
+    record's policy is resolved up front (a stale record fails before any model is loaded)."""
+    from pipeline.data.records import open_dataset
+    from pipeline.io import input_error
+    from pipeline.policy import resolve_policy
 
     items, stores, multimodal = [], {}, {}
     for d in data_dirs:
-        path = Path(d) / cfg.data_file
-        recs = read_records(path)
+        ds = open_dataset(d, {"auto": None, "on": True, "off": False}[cfg.policy_multimodal])
+        path = ds.root / cfg.data_file
+        recs = ds.records(cfg.data_file)
         if cfg.max_prompts:
             recs = recs[:cfg.max_prompts]
-        stores[d] = ImageStore(d)
-        manifest = Path(d) / "manifest.json"
-        mm = read_json(manifest).get("multimodal", False) if manifest.exists() else False
-        multimodal[d] = {"auto": bool(mm), "on": True, "off": False}[cfg.policy_multimodal]
+        stores[d], multimodal[d] = ds.store, ds.multimodal
         for r in recs:
             if not r.policy:
                 raise input_error(path, f"record {r.id}.policy", "a policy name (RL needs it for PolicyRollout)", "")
+            resolve_policy(r, policies, path)
         items += [(d, r) for r in recs]
     if len(items) < cfg.rollout_batch:
         raise input_error(data_dirs[0], cfg.data_file, f"at least rl.rollout_batch={cfg.rollout_batch} prompts",
@@ -385,26 +387,10 @@ def filter_long(items: list, prompts: PromptCache, cfg: RLConfig) -> tuple[list,
 
 
 def configure_train(parser) -> None:
-    parser.add_argument("--model", required=True, help="starting checkpoint (the CoT-SFT model), also the KL reference")
-    parser.add_argument("--data", action="append", required=True, help="dataset dir (repeatable: clevr, gta)")
-    parser.add_argument("--policies", default="policies", help="policies root (rendered for PolicyRollout)")
-    parser.add_argument("--out", required=True, help="output checkpoint dir (written atomically)")
-    parser.add_argument("--metrics", default=None, help="also write metrics.json here (e.g. metrics/rl.json)")
-    parser.add_argument("--log", default=None, help="also copy train_log.csv here (a DVC plot)")
-    parser.add_argument("--ckpt-dir", default=None, help="resume checkpoints (default: .trimpi/ckpt/rl-<hash>)")
+    from pipeline.train.runner import add_common_args
 
-
-def _fingerprint(model_path: str, data_dirs: list[str], cfg: RLConfig, policies: str) -> dict:
-    """What a resumable checkpoint must match: input model, data, policies, config."""
-    from dataclasses import asdict
-
-    from pipeline.io import file_hash
-    from pipeline.policy import policies_version
-
-    mp = Path(model_path)
-    return {"model": {p.name: p.stat().st_size for p in sorted(mp.iterdir()) if p.is_file()},
-            "model_config": file_hash(mp / "config.json"), "policies": policies_version(policies),
-            "data": {str(d): file_hash(Path(d) / cfg.data_file) for d in data_dirs}, "rl": asdict(cfg)}
+    # --model is the starting checkpoint (the CoT-SFT model) and also the KL reference
+    add_common_args(parser, policies=True)
 
 
 def _any_rank(flag: bool) -> bool:
@@ -433,42 +419,39 @@ def train_rl(cfg: RLConfig, model_path: str, data_dirs: list[str], policies: str
              threads: int = 1, ckpt_dir: str | None = None, metrics_path: str | None = None,
              log_path: str | None = None, reward_fn: Callable = task_reward) -> dict:
     """Library entry point of the stage (CLI and tests): RL from ``model_path`` into ``out``."""
-    import torch
+    from dataclasses import asdict
+
     from tqdm import tqdm
 
-    from pipeline.io import atomic_dir, atomic_write_json, input_error, stable_hash
-    from pipeline.model import load, save, set_threads
-    from pipeline.policy import load_policies
-    from pipeline.train.engine import setup_distributed
-    from pipeline.train.sft import model_card
+    from pipeline.io import input_error
+    from pipeline.model import load
+    from pipeline.policy import load_policies, policies_version
+    from pipeline.train.runner import (ckpt_path, export_checkpoint, fingerprint, freeze_vision_if, plain_model,
+                                       publish, start)
 
     cfg = cfg.resolved()
-    set_threads(threads)
-    rank, world = setup_distributed()
-    torch.manual_seed(seed)
+    rank, world = start(threads, seed)
     model, processor = load(model_path, threads=threads)
     ref_model = None
     if cfg.kl_beta:  # the frozen reference is the starting checkpoint itself
         ref_model, _ = load(model_path, threads=threads)
         ref_model.requires_grad_(False)
-    from pipeline.model import vision_tower
-    from pipeline.model.presets import freeze_vision
-
-    if freeze_vision(cfg.freeze_vision, model_card(model_path)):
-        vision_tower(model).requires_grad_(False)
-    items, stores, multimodal = load_items(data_dirs, cfg)
+    freeze_vision_if(model, cfg.freeze_vision, model_path)
+    pols = load_policies(policies)
+    items, stores, multimodal = load_items(data_dirs, cfg, pols)
     if not cfg.max_response_len:
         cfg = dataclasses.replace(cfg, max_response_len=response_budget_of(data_dirs, items, processor.tokenizer))
         print(f"rl: max_response_len {cfg.max_response_len} (longest gold response of the data + 25 %)")
-    prompts = PromptCache(processor, stores, load_policies(policies), multimodal)
+    prompts = PromptCache(processor, stores, pols, multimodal)
     items, skipped = filter_long(items, prompts, cfg)
     if len(items) < cfg.rollout_batch:
         raise input_error(data_dirs[0], "rl.max_prompt_len", f"at least {cfg.rollout_batch} prompts that fit",
                           f"{len(items)} ({skipped} too long)")
     steps = cfg.epochs * (len(items) // cfg.rollout_batch)
     steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
-    ckpt = Path(ckpt_dir or f".trimpi/ckpt/rl-{stable_hash(str(Path(out).resolve()), 8)}")
-    engine = RLEngine(model, cfg, steps, ckpt, _fingerprint(model_path, data_dirs, cfg, policies), seed)
+    # what a resumable checkpoint must match: input model, data, policies, config
+    fp = fingerprint(model_path, data_dirs, cfg.data_file, {"policies": policies_version(policies), "rl": asdict(cfg)})
+    engine = RLEngine(model, cfg, steps, ckpt_path("rl", out, ckpt_dir), fp, seed)
     stream = PromptStream(len(items), seed * 7 + rank)  # rollout_batch is per rank: each rank its own prompts
     state = engine.eng.load_state() or {}
     rows: list[dict] = list(state.get("rows", []))
@@ -498,25 +481,10 @@ def train_rl(cfg: RLConfig, model_path: str, data_dirs: list[str], policies: str
     metrics.update(resumed_from_step=start, world_size=world, zero_stage=engine.eng.zero_stage, prompts=len(items))
     sd = engine.eng.full_state_dict()
     if rank == 0:
-        export = engine.module
-        if engine.eng.zero_stage == 3:  # partitions were gathered into sd: a plain model around them
-            from transformers import AutoModelForImageTextToText
-
-            export = AutoModelForImageTextToText.from_config(export.config)
-            export.load_state_dict(sd)
-        card = model_card(model_path)
-        card.update(stages=card.get("stages", []) + ["rl"], parent=str(model_path),
-                    rl={"algorithm": cfg.algorithm, "policy_rollout": cfg.policy_rollout})
-        with atomic_dir(out) as tmp:
-            save(export, processor, tmp)
-            atomic_write_json(tmp / "metrics.json", metrics)
-            atomic_write_json(tmp / "model_card.json", card)
-            write_log(tmp / "train_log.csv", rows)
-        if metrics_path:
-            atomic_write_json(metrics_path, metrics)
-        if log_path:
-            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-            write_log(Path(log_path), rows)
+        export_checkpoint(out, plain_model(engine.module, sd, engine.eng.zero_stage), processor, parent=model_path,
+                          stage="rl", metrics=metrics, write_log=lambda path: write_log(path, rows),
+                          card={"rl": {"algorithm": cfg.algorithm, "policy_rollout": cfg.policy_rollout}})
+        publish(out, metrics_path, log_path)
         print(f"rl: {done}/{steps} steps, reward {metrics['reward_first']} -> {metrics['reward_last']}"
               + (" (stopped early)" if stopped else "") + f" -> {out}")
     engine.eng.finish()

