@@ -219,7 +219,7 @@ def run_run(args) -> int:
     print(f"  report:   {summary}" if summary.exists() else "  report:   (none written)")
     if summary.exists():
         print("\n".join("  " + line for line in stage_table(summary.read_text())))
-    for rel in ("metrics/eval.json", "metrics/gate.json", "reports/results.md"):
+    for rel in ("metrics/eval.json", "metrics/gate.json", "reports/ablations.md"):
         if (root / rel).exists():
             print(f"  results:  {root / rel}")
     print(f"  model:    {_production_line(root, params)}")

@@ -225,12 +225,13 @@ def test_report_table_seeds_in_context_rows_and_svg(tmp_path):
                                  out=str(tmp_path / "results.md"), svg=None, json=None)
     assert run_report(args) == 0
     md = (tmp_path / "results.md").read_text()
-    assert "| Method | seeds | Clevr acc | In-context | Override |" in md  # columns without data are dropped
-    assert "| In-Context † | 1 | 13.15 | 13.15 | – |" in md  # accuracy read with the policy in context
-    assert "| TriMPI | 2 | 65.00 ± 7.07 | 71.00 ± 1.41 | 52.00 ± 2.83 |" in md
+    assert "| Rank | Method | n | Acc mean | In-context | Override |" in md  # columns without data are dropped
+    assert "| 2 | In-Context † | 1 | 13.2 | 13.2 | – |" in md  # accuracy read with the policy in context
+    assert "| 1 | TriMPI | 2 | 65.0 ± 7.1 | 71.0 ± 1.4 | 52.0 ± 2.8 |" in md
     root = ET.fromstring((tmp_path / "results.svg").read_text())
     bars = [e for e in root.iter("{http://www.w3.org/2000/svg}rect") if e.find("{http://www.w3.org/2000/svg}title") is not None]
-    assert len(bars) == 5  # In-Context: main + in-context (no override); TriMPI: all three
+    assert len(bars) == 2  # one bar per row (one group): its accuracy, with a dot per seed
+    assert len(list(root.iter("{http://www.w3.org/2000/svg}circle"))) == 3
     with pytest.raises(InputError, match="NAME=metrics.json"):
         run_report(types.SimpleNamespace(variant=["nonsense"], out=str(tmp_path / "x.md"), svg=None, json=None))
 
