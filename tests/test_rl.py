@@ -263,11 +263,14 @@ def _second_item(world):
     return ("d", rec)
 
 
-@pytest.mark.parametrize("poro", [True, False])
-def test_g_shared_prefix_rollout_samples_exactly_the_unshared_tokens(tiny, world, poro):
+@pytest.mark.parametrize("poro,merged", [(True, True), (True, False), (False, False)])
+def test_g_shared_prefix_rollout_samples_exactly_the_unshared_tokens(tiny, world, poro, merged, monkeypatch):
     """Issue 17: each prompt is prefilled once and its cache shared by its G samples; under a fixed
     seed the sampled tokens (and so every reward and score) equal those of the plain path, where
-    every sample prefilled its own copy of the prompt."""
+    every sample prefilled its own copy of the prompt; with both halves in one decode loop or not."""
+    from pipeline.train import rl_rollout
+
+    monkeypatch.setattr(rl_rollout, "merge_halves", lambda lens, new: merged)
     model, proc = tiny
     items = [world["item"], _second_item(world)]
     cfg = RLConfig(policy_rollout=poro, group_size=3, max_response_len=12, generation_batch=2).resolved()

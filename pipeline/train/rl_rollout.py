@@ -146,13 +146,29 @@ def gathered(model, zero_stage: int):
         yield
 
 
+def merge_halves(prompt_lens: list[int], max_new: int) -> bool:
+    """Decode the policy-free and policy-aware halves in ONE loop (their caches merged, the shorter
+    left-padded) unless that padding would more than triple the policy-free rows' cache.
+
+    ``prompt_lens``: the longest prompt of each half. One loop halves the per-step overhead (a
+    decode step of the tiny model is mostly overhead), but every row then attends over the longest
+    cache. On the tiny preset (bench_rl.py) one loop wins at depth 2 (85- vs 393-token prompts) and
+    two loops win at depth 6 (87 vs 1,765 tokens), where the padded attention reads dominate.
+    """
+    if len(prompt_lens) < 2:
+        return False
+    lengths = sorted(n + max_new for n in prompt_lens)
+    return lengths[-1] <= 3 * lengths[0]
+
+
 def rollout(model, processor, items: list, prompts: PromptCache, cfg: RLConfig,
             reward_fn: Callable = task_reward, share_prefix: bool = True) -> list[Group]:
     """Sample G (or G + G with the policy) responses per item = (source, record) and score them.
 
     Per chunk of ``generation_batch`` prompts, each half (policy-free, policy-aware) is prefilled
-    ONCE as one left-padded batch (:func:`pipeline.model.prefix.prefill`); the two prefixes are
-    merged and ONE ``generate`` call samples all 2G responses per prompt from the shared cache.
+    ONCE as one left-padded batch (:func:`pipeline.model.prefix.prefill`); ``generate`` then samples
+    each prompt's G responses per half from that shared cache, both halves in one call unless
+    :func:`merge_halves` says two are cheaper.
     ``share_prefix=False`` is the reference path: one plain ``generate`` over the same rows, every
     sample prefilling its own copy of the prompt; under a fixed seed both give the same tokens.
     """
@@ -176,21 +192,23 @@ def rollout(model, processor, items: list, prompts: PromptCache, cfg: RLConfig,
     groups = []
     for start in range(0, len(items), cfg.generation_batch):
         chunk = items[start:start + cfg.generation_batch]
-        encs = [prompts.get(it, wp) for wp in halves for it in chunk]  # half-major rows
+        encs = {wp: [prompts.get(it, wp) for it in chunk] for wp in halves}
+        lens = [max(e["input_ids"].shape[1] for e in encs[wp]) for wp in halves]
+        calls = [halves] if merge_halves(lens, cfg.max_response_len) else [(wp,) for wp in halves]
+        rows = []
         with torch.no_grad():
-            if share:
-                # Each half is prefilled as its own batch, so the short policy-free prompts are never
-                # padded to the policy-aware length in a forward pass (that made PoRo generation 3.7x
-                # slower, bench_rl.py); only the decode loop sees both, through the masked cache.
-                pre = px.merge([px.prefill(model, left_pad_cat(encs[h * len(chunk):(h + 1) * len(chunk)], pad_id))
-                                for h in range(len(halves))], pad_id)
-                out = px.generate_from(model, pre, G, **kw)
-                plen = pre.length + 1
-            else:
-                batch = {k: v.to(dev) for k, v in left_pad_cat(encs, pad_id).items()}
-                out = model.generate(**batch, num_return_sequences=G, **kw)
-                plen = batch["input_ids"].shape[1]
-        rows = split_responses(out[:, plen:].cpu(), eos, pad_id)
+            for call in calls:  # half-major rows, each prompt's G samples adjacent
+                if share:
+                    # each half is prefilled as its own batch, so a short policy-free prompt is never
+                    # padded to the policy-aware length in a forward pass; only the decode loop sees both
+                    pre = px.merge([px.prefill(model, left_pad_cat(encs[wp], pad_id)) for wp in call], pad_id)
+                    out = px.generate_from(model, pre, G, **kw)
+                    plen = pre.length + 1
+                else:
+                    batch = {k: v.to(dev) for k, v in left_pad_cat([e for wp in call for e in encs[wp]], pad_id).items()}
+                    out = model.generate(**batch, num_return_sequences=G, **kw)
+                    plen = batch["input_ids"].shape[1]
+                rows += split_responses(out[:, plen:].cpu(), eos, pad_id)
         n = len(chunk) * G
         resp = {wp: rows[h * n:(h + 1) * n] for h, wp in enumerate(halves)}
         for i, item in enumerate(chunk):
