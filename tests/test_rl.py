@@ -263,21 +263,25 @@ def _second_item(world):
     return ("d", rec)
 
 
-@pytest.mark.parametrize("poro,merged", [(True, True), (True, False), (False, False)])
-def test_g_shared_prefix_rollout_samples_exactly_the_unshared_tokens(tiny, world, poro, merged, monkeypatch):
-    """Issue 17: each prompt is prefilled once and its cache shared by its G samples; under a fixed
-    seed the sampled tokens (and so every reward and score) equal those of the plain path, where
-    every sample prefilled its own copy of the prompt; with both halves in one decode loop or not."""
-    from pipeline.train import rl_rollout
+@pytest.mark.parametrize("poro", [True, False])
+def test_g_shared_prefix_rollout_samples_exactly_the_unshared_tokens(tiny, world, poro, monkeypatch):
+    """Issue 17: each prompt is prefilled once (the policy-aware prompts of a policy share the prefill
+    of its text) and its G samples attend over one copy of its cache; under a fixed seed the sampled
+    tokens (and so every reward and score) equal those of the plain path, where every sample
+    prefilled its own copy of the prompt."""
+    from pipeline.model import prefix as px
 
-    monkeypatch.setattr(rl_rollout, "merge_halves", lambda lens, new: merged)
     model, proc = tiny
     items = [world["item"], _second_item(world)]
     cfg = RLConfig(policy_rollout=poro, group_size=3, max_response_len=12, generation_batch=2).resolved()
-    runs = {}
+    runs, calls = {}, []
+    real = px.prefill_one
+    monkeypatch.setattr(px, "prefill_one", lambda m, e, prefix=None: calls.append(prefix is not None) or real(m, e, prefix))
     for share in (True, False):
         torch.manual_seed(5)
         runs[share] = rl.rollout(model, proc, items, world["cache"], cfg, varied_reward, share_prefix=share)
+    # both records carry policy L2-Abc: its text (and policy image) prefilled once, then each record's tail
+    assert calls == ([False, True, True] if poro else [])
     for a, b in zip(runs[True], runs[False]):
         assert a.with_policy == b.with_policy == [False] * 3 + ([True] * 3 if poro else [])
         assert len(a.responses) == len(b.responses)
@@ -315,9 +319,8 @@ def test_g_prefix_cache_logprobs_equal_a_full_prefill(tiny):
         torch.manual_seed(3)
         full = model.generate(**batch, num_return_sequences=3, **kw)
         torch.manual_seed(3)
-        pre = px.merge([px.prefill(model, e) for e in group], tok.pad_token_id)
-        shared = px.generate_from(model, pre, 3, **kw)
-        assert torch.equal(full.sequences[:, batch["input_ids"].shape[1]:], shared.sequences[:, pre.length + 1:])
+        shared = px.generate_from(model, [px.prefill(model, e) for e in group], 3, **kw)
+        assert torch.equal(full.sequences[:, batch["input_ids"].shape[1]:], shared.sequences[:, 1:])
         lp_full = torch.stack(full.logits, 1).log_softmax(-1)
         lp_shared = torch.stack(shared.logits, 1).log_softmax(-1)
         assert lp_full.shape == lp_shared.shape

@@ -3,9 +3,9 @@
 * :class:`PromptCache` encodes each record's two prompts (without / with the policy) once and
   keeps them; policies are rendered once per name, images decoded once per record.
 * :func:`rollout` samples G responses per prompt from the policy-free prompt and, under
-  PolicyRollout, G more from the policy-aware prompt. Each prompt is encoded ONCE (its prefill
-  runs one forward pass per half of a chunk of prompts) and its key/value cache is shared by its G
-  samples; one ``generate`` call per chunk continues the merged cache for all 2G samples per
+  PolicyRollout, G more from the policy-aware prompt. Each prompt is prefilled ONCE (the
+  policy-aware prompts of one policy share the prefill of its text) and its G samples attend over
+  one copy of its key/value cache; one ``generate`` call per chunk samples all 2G responses per
   prompt (``pipeline/model/prefix.py``). Before, ``num_return_sequences=G`` prefilled every
   sample's copy of the long policy prompt, which made a PoRo step 1.37x a GRPO step (issue 17).
   The sampled token ids are kept as sampled; they are never re-tokenized from text, so the scores
@@ -146,31 +146,16 @@ def gathered(model, zero_stage: int):
         yield
 
 
-def merge_halves(prompt_lens: list[int], max_new: int) -> bool:
-    """Decode the policy-free and policy-aware halves in ONE loop (their caches merged, the shorter
-    left-padded) unless that padding would more than triple the policy-free rows' cache.
-
-    ``prompt_lens``: the longest prompt of each half. One loop halves the per-step overhead (a
-    decode step of the tiny model is mostly overhead), but every row then attends over the longest
-    cache. On the tiny preset (bench_rl.py) one loop wins at depth 2 (85- vs 393-token prompts) and
-    two loops win at depth 6 (87 vs 1,765 tokens), where the padded attention reads dominate.
-    """
-    if len(prompt_lens) < 2:
-        return False
-    lengths = sorted(n + max_new for n in prompt_lens)
-    return lengths[-1] <= 3 * lengths[0]
-
-
 def rollout(model, processor, items: list, prompts: PromptCache, cfg: RLConfig,
             reward_fn: Callable = task_reward, share_prefix: bool = True) -> list[Group]:
     """Sample G (or G + G with the policy) responses per item = (source, record) and score them.
 
-    Per chunk of ``generation_batch`` prompts, each half (policy-free, policy-aware) is prefilled
-    ONCE as one left-padded batch (:func:`pipeline.model.prefix.prefill`); ``generate`` then samples
-    each prompt's G responses per half from that shared cache, both halves in one call unless
-    :func:`merge_halves` says two are cheaper.
-    ``share_prefix=False`` is the reference path: one plain ``generate`` over the same rows, every
-    sample prefilling its own copy of the prompt; under a fixed seed both give the same tokens.
+    Per chunk of ``generation_batch`` prompts, each prompt is prefilled ONCE
+    (:func:`pipeline.model.prefix.prefill_rows`) and ONE ``generate`` call samples all 2G responses
+    per prompt, each prompt's samples attending over one copy of its cache
+    (:func:`pipeline.model.prefix.generate_from`). ``share_prefix=False`` is the reference path:
+    one plain ``generate`` over the same rows, every sample prefilling its own copy of the prompt;
+    under a fixed seed both give the same tokens.
     """
     import torch
 
@@ -193,22 +178,20 @@ def rollout(model, processor, items: list, prompts: PromptCache, cfg: RLConfig,
     for start in range(0, len(items), cfg.generation_batch):
         chunk = items[start:start + cfg.generation_batch]
         encs = {wp: [prompts.get(it, wp) for it in chunk] for wp in halves}
-        lens = [max(e["input_ids"].shape[1] for e in encs[wp]) for wp in halves]
-        calls = [halves] if merge_halves(lens, cfg.max_response_len) else [(wp,) for wp in halves]
-        rows = []
         with torch.no_grad():
-            for call in calls:  # half-major rows, each prompt's G samples adjacent
-                if share:
-                    # each half is prefilled as its own batch, so a short policy-free prompt is never
-                    # padded to the policy-aware length in a forward pass; only the decode loop sees both
-                    pre = px.merge([px.prefill(model, left_pad_cat(encs[wp], pad_id)) for wp in call], pad_id)
-                    out = px.generate_from(model, pre, G, **kw)
-                    plen = pre.length + 1
-                else:
-                    batch = {k: v.to(dev) for k, v in left_pad_cat([e for wp in call for e in encs[wp]], pad_id).items()}
-                    out = model.generate(**batch, num_return_sequences=G, **kw)
-                    plen = batch["input_ids"].shape[1]
-                rows += split_responses(out[:, plen:].cpu(), eos, pad_id)
+            if share:
+                # each half prefilled as its own batch (a short policy-free prompt is never padded to the
+                # policy-aware length); the policy-aware prompts of one policy share its text, prefilled
+                # once per chunk; then one decode loop for all 2G samples of every prompt
+                pres = [px.prefill_rows(model, encs[wp], pad_id, [it[1].policy for it in chunk] if wp else None)
+                        for wp in halves]
+                out = px.generate_from(model, pres, G, **kw)
+                rows = split_responses(out[:, 1:].cpu(), eos, pad_id)  # after the last prompt token
+            else:
+                batch = left_pad_cat([e for wp in halves for e in encs[wp]], pad_id)
+                batch = {k: v.to(dev) for k, v in batch.items()}
+                out = model.generate(**batch, num_return_sequences=G, **kw)
+                rows = split_responses(out[:, batch["input_ids"].shape[1]:].cpu(), eos, pad_id)
         n = len(chunk) * G
         resp = {wp: rows[h * n:(h + 1) * n] for h, wp in enumerate(halves)}
         for i, item in enumerate(chunk):
