@@ -62,6 +62,7 @@ def main() -> int:
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--modes", default="uncached,cold,baseline-cached,warm")
     ap.add_argument("--set", action="append", default=[], help="evaluate section override, e.g. batch_size=16")
+    ap.add_argument("--keep", default=None, help="copy each mode's metrics and predictions here (to compare)")
     a = ap.parse_args()
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
@@ -95,6 +96,10 @@ def main() -> int:
                              "load_before": round(load0, 2), "load_after": round(os.getloadavg()[0], 2)}
             seen[mode] = (figures(json.loads((t / f"{mode}.json").read_text())), predictions(t / mode / "rl"))
             print(json.dumps(results[mode]), flush=True)
+        if a.keep:
+            for mode in seen:
+                shutil.copytree(t / mode, Path(a.keep) / mode, dirs_exist_ok=True)
+                shutil.copy(t / f"{mode}.json", Path(a.keep) / f"{mode}.json")
         first = next(iter(seen))
         print(json.dumps({"same_figures": all(v[0] == seen[first][0] for v in seen.values()),
                           "same_predictions": all(v[1] == seen[first][1] for v in seen.values()),

@@ -130,15 +130,16 @@ class Runner:
     """A loaded model plus the policies; turns records into responses.
 
     Greedy decoding (the default) goes through :func:`pipeline.model.decode.greedy`: prompts are
-    encoded one by one, sorted by length within windows of a few hundred, and decoded with
+    encoded one by one, sorted by length within windows of ``WINDOW``, and decoded with
     ``batch_size`` rows in flight, a finished row replaced at once by the next prompt; prompts that
     carry the same policy share its prefilled prefix. Sampling, or a checkpoint whose generation
     config adds logits processors, uses ``generate`` on length-sorted batches of ``batch_size``.
     Either way each response is what ``generate`` gives for that prompt (tests/test_decode.py).
     """
 
-    WINDOW = 512
-    """Prompts encoded (and sorted by length) at a time: bounds the memory held by encoded images."""
+    WINDOW = 256
+    """Prompts encoded (and sorted by length) at a time: bounds the memory held by encoded images
+    (~0.5 MB of pixel values per 128-px image)."""
 
     def __init__(self, model_dir: str, cfg: EvalConfig, policies: dict, threads: int):
         from pipeline.model import load

@@ -4,6 +4,9 @@
 (as padding) and the next batch waits for the slowest row. Evaluation decodes hundreds of prompts
 greedily, so :func:`greedy` keeps ``rows`` prompts in flight and replaces a row that stops by the
 next prompt at once: decode steps ~ (all generated tokens) / rows instead of batches x longest.
+(On the default data the responses are of similar length and this saves ~6 % of the steps, and
+~10 % of the CPU time with the points below; it matters more when lengths vary, e.g. CoTs over
+policies of several depths, or a model that stops early on some prompts and not on others.)
 
 * Prompts are prefilled in padded runs of similar length (``prefill_batch``); each one's
   key/value tensors join the running cache right-aligned (every row's tokens

@@ -269,13 +269,13 @@ def prefill(model, batch: dict) -> Prefix:
     dev = next(core.parameters()).device
     inputs = {k: v.to(dev) for k, v in batch.items() if v is not None and k != "labels"}
     pos, deltas = _positions(model, inputs)
-    head = {k: (v[:, :-1] if k in SEQ_KEYS else v) for k, v in inputs.items()}
-    head["position_ids"] = pos[..., :-1]
+    cached = _drop_last(inputs)
+    cached["position_ids"] = pos[..., :-1]
     cache = DynamicCache(config=core.config)
     with torch.no_grad():
-        core(**head, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        core(**cached, past_key_values=cache, use_cache=True, logits_to_keep=1)
     kv = [(layer[0], layer[1]) for layer in cache]
-    return Prefix(kv=kv, ids=head["input_ids"], mask=head["attention_mask"], last=inputs["input_ids"][:, -1],
+    return Prefix(kv=kv, ids=cached["input_ids"], mask=cached["attention_mask"], last=inputs["input_ids"][:, -1],
                   deltas=deltas)
 
 
