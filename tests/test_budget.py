@@ -37,40 +37,29 @@ def deep(tmp_path_factory):
     return d, proc
 
 
-def _gold_generator(proc, records_by_prompt):
-    """A stand-in for ``pipeline.model.generate``: the gold response of each conversation's record,
-    cut at ``max_new_tokens`` tokens as real generation would be."""
-    tok = proc.tokenizer
-    seen = []
+class GoldRunner(S.Runner):
+    """A runner whose decoder emits each record's gold response, cut at the budget it is handed, as
+    real decoding would be: the scores then say exactly whether the budget fits the data."""
 
-    def generate(model, processor, convs, max_new_tokens=256, **kw):
-        seen.append(max_new_tokens)
-        out = []
-        for c in convs:
-            query = [p["text"] for p in c[0]["content"] if p.get("type") == "text" and not p.get("policy")][-1]
-            ids = tok(training_response(records_by_prompt[query].pop(0)), add_special_tokens=False).input_ids
-            out.append(tok.decode(ids[:max_new_tokens]))
-        return out
-    return generate, seen
+    def __init__(self, proc, policies, cfg):
+        self.model_dir, self.model, self.processor, self.cfg, self.policies = "gold", None, proc, cfg, policies
+        self.render, self.budgets, self.seen = RenderCache(), {}, []
+
+    def _respond_generate(self, ds, recs, policies, bar, budget):
+        self.seen.append(budget)
+        tok = self.processor.tokenizer
+        return [tok.decode(tok(training_response(r), add_special_tokens=False).input_ids[:budget]) for r in recs]
+
+    _respond_greedy = _respond_generate
 
 
-def _evaluate(deep, monkeypatch, max_new_tokens):
-    import pipeline.model
-
+def _evaluate(deep, max_new_tokens):
     d, proc = deep
     ds = open_dataset(d / "data")
     recs = split_records(ds, "test", 0)
-    by_prompt: dict = {}
-    for r in recs:
-        by_prompt.setdefault(r.query, []).append(r)
-    fake, seen = _gold_generator(proc, by_prompt)
-    monkeypatch.setattr(pipeline.model, "generate", fake)
-    runner = S.Runner.__new__(S.Runner)
-    runner.model_dir, runner.model, runner.processor = "gold", None, proc
-    runner.cfg = S.EvalConfig(max_new_tokens=max_new_tokens, batch_size=len(recs))
-    runner.policies, runner.render, runner.budgets = load_policies(d / "policies"), RenderCache(), {}
+    runner = GoldRunner(proc, load_policies(d / "policies"), S.EvalConfig(max_new_tokens=max_new_tokens))
     ev = S.Evaluation(runner, [ds], runner.cfg, d / f"preds{max_new_tokens}")
-    return ev.main(), seen, recs
+    return ev.main(), runner.seen, recs
 
 
 def test_response_budget_fits_the_longest_gold_response(deep):
@@ -82,14 +71,14 @@ def test_response_budget_fits_the_longest_gold_response(deep):
     assert longest * 1.25 <= budget <= longest * 1.25 + 9
 
 
-def test_depth6_is_evaluated_without_truncation(deep, monkeypatch):
-    main, seen, recs = _evaluate(deep, monkeypatch, max_new_tokens=0)
+def test_depth6_is_evaluated_without_truncation(deep):
+    main, seen, recs = _evaluate(deep, max_new_tokens=0)
     assert main["clevr"]["accuracy"] == 100.0 and main["clevr"]["format_rate"] == 100.0
     assert seen == [response_budget(deep[1].tokenizer, recs)]
 
 
-def test_a_fixed_depth2_budget_would_cut_depth6_answers(deep, monkeypatch):
-    main, _, _ = _evaluate(deep, monkeypatch, max_new_tokens=192)
+def test_a_fixed_depth2_budget_would_cut_depth6_answers(deep):
+    main, _, _ = _evaluate(deep, max_new_tokens=192)
     assert main["clevr"]["format_rate"] < 100.0 and main["clevr"]["accuracy"] < 100.0
 
 

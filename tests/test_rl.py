@@ -250,3 +250,80 @@ def test_f_rl_steps_raise_reward_on_learnable_toy(tiny, world):
         rewards.append(row["reward"])
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert last > first + 0.2 and last > 0.7, [round(r, 2) for r in rewards]
+
+
+def _second_item(world):
+    """Another record of the same policy with a different image and query (prompts of other lengths)."""
+    from PIL import Image
+
+    rec = Record(id="r1", task="clevr", split="train", query="According to Policy: L2-Abc, which case applies here?",
+                 answer="Case 2", images=["images/shard-00000.zip/1.png"], policy="L2-Abc")
+    img2 = Image.new("RGB", (84, 56), (30, 200, 30))
+    store = world["cache"].stores["d"]
+    world["cache"].stores["d"] = type("Store2", (), {"open": lambda self, ref: img2 if ref.endswith("/1.png")
+                                                     else store.open(ref)})()
+    return ("d", rec)
+
+
+@pytest.mark.parametrize("poro", [True, False])
+def test_g_shared_prefix_rollout_samples_exactly_the_unshared_tokens(tiny, world, poro, monkeypatch):
+    """Issue 17: each prompt is prefilled once (the policy-aware prompts of a policy share the prefill
+    of its text) and its G samples attend over one copy of its cache; under a fixed seed the sampled
+    tokens (and so every reward and score) equal those of the plain path, where every sample
+    prefilled its own copy of the prompt."""
+    from pipeline.model import prefix as px
+
+    model, proc = tiny
+    items = [world["item"], _second_item(world)]
+    cfg = RLConfig(policy_rollout=poro, group_size=3, max_response_len=12, generation_batch=2).resolved()
+    runs, calls = {}, []
+    real = px.prefill_one
+    monkeypatch.setattr(px, "prefill_one", lambda m, e, prefix=None: calls.append(prefix is not None) or real(m, e, prefix))
+    for share in (True, False):
+        torch.manual_seed(5)
+        runs[share] = rl.rollout(model, proc, items, world["cache"], cfg, varied_reward, share_prefix=share)
+    # both records carry policy L2-Abc: its text (and policy image) prefilled once, then each record's tail
+    assert calls == ([False, True, True] if poro else [])
+    for a, b in zip(runs[True], runs[False]):
+        assert a.with_policy == b.with_policy == [False] * 3 + ([True] * 3 if poro else [])
+        assert len(a.responses) == len(b.responses)
+        assert all(torch.equal(x, y) for x, y in zip(a.responses, b.responses))
+        assert torch.equal(a.rewards, b.rewards)
+    # the test has power: the samples are long and not all alike
+    assert sum(int(r.numel()) for g in runs[True] for r in g.responses) > 0.5 * 12 * len(runs[True][0].responses) * 2
+    assert len({tuple(r.tolist()) for g in runs[True] for r in g.responses}) > 3
+
+
+def test_g_prefix_cache_logprobs_equal_a_full_prefill(tiny):
+    """The sampling distribution of every step is the one a full prefill gives: mixed prompt lengths
+    (left padding), images with mRoPE position deltas, a text-only prompt, repeats per prompt."""
+    from PIL import Image
+
+    from pipeline.model import prefix as px
+    from pipeline.model.masking import encode, visual_token_ids
+    from pipeline.train.rl_rollout import left_pad_cat
+
+    model, proc = tiny
+    tok = proc.tokenizer
+    img, pimg = Image.new("RGB", (64, 64), (200, 30, 30)), Image.new("RGB", (56, 84), (20, 20, 200))
+
+    def enc(text, imgs):
+        e = encode(proc, [[{"role": "user", "content": [{"type": "image", "image": i} for i in imgs]
+                            + [{"type": "text", "text": text}]}]], add_generation_prompt=True)
+        return {k: v for k, v in e.items() if v is not None}
+
+    kw = dict(do_sample=True, top_k=0, max_new_tokens=10, pad_token_id=tok.pad_token_id,
+              eos_token_id=[tok.eos_token_id], suppress_tokens=visual_token_ids(tok),
+              return_dict_in_generate=True, output_logits=True)
+    for group in ([enc("What colour?", [img]), enc("A long policy. " * 12 + "Which case?", [pimg, img])],
+                  [enc("A text-only question?", [])]):
+        batch = left_pad_cat(group, tok.pad_token_id)
+        torch.manual_seed(3)
+        full = model.generate(**batch, num_return_sequences=3, **kw)
+        torch.manual_seed(3)
+        shared = px.generate_from(model, [px.prefill(model, e) for e in group], 3, **kw)
+        assert torch.equal(full.sequences[:, batch["input_ids"].shape[1]:], shared.sequences[:, 1:])
+        lp_full = torch.stack(full.logits, 1).log_softmax(-1)
+        lp_shared = torch.stack(shared.logits, 1).log_softmax(-1)
+        assert lp_full.shape == lp_shared.shape
+        assert (lp_full - lp_shared).abs().max() < 1e-5

@@ -181,9 +181,14 @@ def test_referral_gold_cot_citations_match_gold_path(clevr_data):
         assert cited_conditions(r["cot"]) == gold_path_ids(r["meta"]["gold_path"])
 
 
-def test_evaluate_cli_end_to_end_on_tiny_model(tmp_path, clevr_data):
-    from pipeline.model import save
+def test_evaluate_cli_end_to_end_on_tiny_model(tmp_path, clevr_data, monkeypatch):
+    from pipeline.model import masking, save
     from pipeline.model.presets import build_tiny
+
+    encoded = []
+    real_encode = masking.encode
+    monkeypatch.setattr(masking, "encode", lambda proc, convs, *a, **k: encoded.append(len(convs))
+                        or real_encode(proc, convs, *a, **k))
 
     model, proc = build_tiny("tiny-xs", seed=0)
     save(model, proc, tmp_path / "init")
@@ -201,6 +206,8 @@ def test_evaluate_cli_end_to_end_on_tiny_model(tmp_path, clevr_data):
     e = m["efficiency"]
     assert e["prompt_tokens_with_policy"] > e["prompt_tokens_internalized"] > 0 and e["token_reduction_pct"] > 0
     assert e["prefill_ms_with_policy"] > 0 and e["prefill_ms_internalized"] > 0
+    # each prompt encoded once: the efficiency suite times the encodings main / in_context made
+    assert encoded == [1] * 4
     assert len((tmp_path / "preds/init/main.jsonl").read_text().splitlines()) == 2
     assert (tmp_path / "preds/init/plots/depth.csv").read_text().startswith("suite,depth,accuracy\nmain,2,")
     assert cli(["evaluate", "--params", str(params), "--model", str(tmp_path / "init"), "--data", str(clevr_data),
@@ -279,3 +286,89 @@ def test_optional_judge_scores_and_survives_failures(monkeypatch):
     path, auth, body = seen[0]
     assert path == "/v1/chat/completions" and auth == "Bearer k-123" and body["model"] == "m"
     assert f"Policy: {name}" in body["messages"][0]["content"] and "Gold answer: Case 1" in body["messages"][0]["content"]
+
+
+@pytest.fixture(scope="module")
+def probe_world(tmp_path_factory):
+    """A tiny probe set (data/generic layout) and two tiny-xs checkpoints: a baseline and a changed model."""
+    torch = pytest.importorskip("torch")
+    from pipeline.model import save
+    from pipeline.model.presets import build_tiny
+
+    d = tmp_path_factory.mktemp("forget")
+    params = d / "params.yaml"
+    params.write_text("base: {seed: 0, threads: 1}\ngenerate_generic:\n  train: {exist: 1, text: 1}\n  test_per_qtype: 2\n"
+                      "evaluate: {max_new_tokens: 6, batch_size: 2}\n")
+    assert cli(["generate", "generic", "--params", str(params), "--out", str(d / "generic")]) == 0
+    model, proc = build_tiny("tiny-xs", seed=0)
+    save(model, proc, d / "base")
+    with torch.no_grad():  # "training" changed the weights: other responses
+        model.lm_head.weight.add_(0.5 * torch.randn_like(model.lm_head.weight))
+    save(model, proc, d / "rl")
+    (d / "rl" / "metrics.json").write_text("{}")  # run artifacts beside the weights do not count
+    return d
+
+
+def test_forgetting_cache_same_figures_and_baseline_generated_once(probe_world, clevr_data, monkeypatch, capsys):
+    """Issue 17: the forgetting figures are the same with and without the response cache; a second
+    evaluation probing the same baseline generates (and loads) nothing for it; a changed checkpoint
+    or decoding setting misses the cache."""
+    d = probe_world
+    loaded, responded = [], []
+    real_init, real_respond = S.Runner.__init__, S.Runner.respond
+
+    def init(self, model_dir, *a, **k):
+        loaded.append(Path(model_dir).name)
+        real_init(self, model_dir, *a, **k)
+
+    def respond(self, ds, recs, policies, desc):
+        responded.append((Path(self.model_dir).name, desc.split("(")[-1].rstrip(")")))
+        return real_respond(self, ds, recs, policies, desc)
+
+    monkeypatch.setattr(S.Runner, "__init__", init)
+    monkeypatch.setattr(S.Runner, "respond", respond)
+
+    def run(tag, cache, *extra):
+        loaded.clear(), responded.clear()
+        out = d / f"eval_{tag}.json"
+        assert cli(["evaluate", "--params", str(d / "params.yaml"), "--model", str(d / "rl"), "--data", str(clevr_data),
+                    "--probes", str(d / "generic"), "--baseline-model", str(d / "base"), "--suites", "forgetting",
+                    "--out", str(out), "--preds", str(d / f"preds_{tag}"), "--cache-dir", cache, *extra]) == 0
+        m = json.loads(out.read_text())
+        rows = (d / f"preds_{tag}" / "forgetting.jsonl").read_text()
+        return m["forgetting"], rows
+
+    plain = run("plain", "")
+    assert responded == [("base", "before"), ("rl", "after")]
+    cache = str(d / "cache")
+    cold = run("cold", cache)
+    assert responded == [("base", "before"), ("rl", "after")] and len(list((d / "cache/forgetting").glob("*.json"))) == 2
+    warm = run("warm", cache)
+    assert responded == [] and loaded == ["rl"]  # the baseline was not even loaded
+    assert plain == cold == warm  # same figures and the same per-example rows
+    assert "from the cache" in capsys.readouterr().err
+    assert plain[0]["sets"]["generic/test.jsonl"]["before"]["n"] == 12
+
+    # evaluating the baseline itself: both passes come from the cache
+    loaded.clear(), responded.clear()
+    assert cli(["evaluate", "--params", str(d / "params.yaml"), "--model", str(d / "base"), "--data", str(clevr_data),
+                "--probes", str(d / "generic"), "--baseline-model", str(d / "base"), "--suites", "forgetting",
+                "--out", str(d / "eval_base.json"), "--preds", str(d / "preds_base"), "--cache-dir", cache]) == 0
+    assert responded == []
+    # another decoding budget, or other weights, is another key
+    run("longer", cache, "--set", "max_new_tokens=7")
+    assert responded == [("base", "before"), ("rl", "after")]
+    import shutil
+
+    shutil.copytree(d / "rl", d / "rl2")
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(str(d / "rl2" / "model.safetensors"))
+    key = next(k for k in w if w[k].dim() == 2)
+    w[key] = w[key] * 1.01
+    save_file(w, str(d / "rl2" / "model.safetensors"), metadata={"format": "pt"})
+    loaded.clear(), responded.clear()
+    assert cli(["evaluate", "--params", str(d / "params.yaml"), "--model", str(d / "rl2"), "--data", str(clevr_data),
+                "--probes", str(d / "generic"), "--baseline-model", str(d / "base"), "--suites", "forgetting",
+                "--out", str(d / "eval_rl2.json"), "--preds", str(d / "preds_rl2"), "--cache-dir", cache]) == 0
+    assert responded == [("rl2", "after")]

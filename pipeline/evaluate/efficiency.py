@@ -3,7 +3,9 @@
 For a few test prompts per dataset (``evaluate.efficiency_samples``) the same record is encoded
 twice through the one prompt builder — with its rendered policy in context (what serving needs
 without internalization) and without it (after internalization) — and each prompt's **prefill**
-(the first forward pass over the whole prompt, the paper's Figure 6 quantity) is timed:
+(the first forward pass over the whole prompt, the paper's Figure 6 quantity) is timed. The two
+encodings are the ones the main and in-context suites already made for these records (the runner
+keeps them, ``timed_prompts``); they are made here only when those suites did not run.
 
 * one prompt at a time (batch 1), so padding never inflates either side;
 * one untimed warm-up pass per prompt, then the median of ``efficiency_repeats`` timed passes;
@@ -53,28 +55,42 @@ def prefill_seconds(model, batch: dict, repeats: int) -> float:
     return statistics.median(once() for _ in range(max(1, repeats)))
 
 
-def measure(ev) -> dict | None:
-    """Run the suite for an :class:`pipeline.evaluate.suites.Evaluation`; None when nothing to time."""
+def timed_records(ev) -> list:
+    """(dataset, record) pairs the suite times: ``efficiency_samples`` per dataset, evenly spaced over
+    its test file (ordered by policy, so every policy gets timed)."""
     from pipeline.data.records import split_records
-    from pipeline.model.masking import encode
-    from pipeline.model.prompts import build_messages
 
-    runner, cfg = ev.runner, ev.cfg
-    rows = []
+    out = []
     for ds in ev.datasets:
         pool = [r for r in split_records(ds, "test", 0) if r.task in ("clevr", "gta")]
-        # evenly spaced over the test file, which is ordered by policy: every policy gets timed
-        step = max(1, len(pool) // max(1, cfg.efficiency_samples))
-        recs = pool[::step][:cfg.efficiency_samples]
-        for r in recs:
-            pol = runner.policy_of(r, ds.root / "test.jsonl")
-            imgs = [ds.store.open(ref) for ref in r.images]
-            out = {"id": r.id, "dataset": ds.name, "policy": r.policy}
-            for kind, rendered in (("with_policy", runner.render(pol, ds.multimodal)), ("internalized", None)):
-                batch = encode(runner.processor, [build_messages(r, imgs, policy=rendered)], add_generation_prompt=True)
-                out[f"tokens_{kind}"] = int(batch["input_ids"].shape[1])
-                out[f"prefill_ms_{kind}"] = round(1000 * prefill_seconds(runner.model, batch, cfg.efficiency_repeats), 3)
-            rows.append(out)
+        step = max(1, len(pool) // max(1, ev.cfg.efficiency_samples))
+        out += [(ds, r) for r in pool[::step][:ev.cfg.efficiency_samples]]
+    return out
+
+
+def timed_prompts(ev) -> list:
+    """(dataset, record, policy or None) of every prompt the suite encodes; the main and in-context
+    suites encode the same prompts first, and the runner keeps those encodings for this suite."""
+    out = []
+    for ds, r in timed_records(ev):
+        pol = ev.runner.policies.get(r.policy)
+        if pol is not None and not (r.policy_version and r.policy_version != pol.version):
+            out += [(ds, r, pol), (ds, r, None)]
+    return out
+
+
+def measure(ev) -> dict | None:
+    """Run the suite for an :class:`pipeline.evaluate.suites.Evaluation`; None when nothing to time."""
+    runner, cfg = ev.runner, ev.cfg
+    rows = []
+    for ds, r in timed_records(ev):
+        pol = runner.policy_of(r, ds.root / "test.jsonl")
+        out = {"id": r.id, "dataset": ds.name, "policy": r.policy}
+        for kind, policy in (("with_policy", pol), ("internalized", None)):
+            batch = runner.encoded(ds, r, policy)  # made (and kept) by main / in_context when they ran
+            out[f"tokens_{kind}"] = int(batch["input_ids"].shape[1])
+            out[f"prefill_ms_{kind}"] = round(1000 * prefill_seconds(runner.model, batch, cfg.efficiency_repeats), 3)
+        rows.append(out)
     if not rows:
         return None
     ev._write("efficiency", rows)

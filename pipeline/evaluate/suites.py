@@ -102,7 +102,19 @@ def open_datasets(paths: list[str], mode: str) -> list[Dataset]:
 
 
 class Runner:
-    """A loaded model plus the policies; turns records into responses in batches."""
+    """A loaded model plus the policies; turns records into responses.
+
+    Greedy decoding (the default) goes through :func:`pipeline.model.decode.greedy`: prompts are
+    encoded one by one, sorted by length within windows of ``WINDOW``, and decoded with
+    ``batch_size`` rows in flight, a finished row replaced at once by the next prompt; prompts that
+    carry the same policy share its prefilled prefix. Sampling, or a checkpoint whose generation
+    config adds logits processors, uses ``generate`` on length-sorted batches of ``batch_size``.
+    Either way each response is what ``generate`` gives for that prompt (tests/test_decode.py).
+    """
+
+    WINDOW = 256
+    """Prompts encoded (and sorted by length) at a time: bounds the memory held by encoded images
+    (~0.5 MB of pixel values per 128-px image)."""
 
     def __init__(self, model_dir: str, cfg: EvalConfig, policies: dict, threads: int):
         from pipeline.model import load
@@ -115,6 +127,8 @@ class Runner:
         self.render = RenderCache()
         self.budgets: dict[str, int] = {}
         """max_new_tokens used per respond() call (keyed by its description), for the metrics."""
+        self._keep: set = set()
+        self._encoded: dict = {}
 
     def policy_of(self, rec: Record, where: str):
         from pipeline.policy import resolve_policy
@@ -131,20 +145,97 @@ class Runner:
             out.append(build_messages(r, imgs, policy=rendered))
         return out
 
+    @staticmethod
+    def encoding_key(ds, rec: Record, policy) -> tuple:
+        pol = None if policy is None else (policy.name, policy.version, bool(getattr(ds, "multimodal", False)))
+        return (str(ds.root), rec.id, pol)
+
+    def keep_encodings(self, keys) -> None:
+        """Keep the encodings of these prompts once made (the efficiency suite re-uses them)."""
+        self.__dict__.setdefault("_keep", set()).update(keys)  # (test doubles skip __init__)
+
+    def encoded(self, ds: Dataset, rec: Record, policy) -> dict:
+        """The generation-ready encoding of one prompt (a batch of one), re-used when it was kept."""
+        from pipeline.model.masking import encode
+
+        key = self.encoding_key(ds, rec, policy)
+        kept = self.__dict__.setdefault("_encoded", {})
+        if key in kept:
+            return kept[key]
+        conv = self.conversations(ds, [rec], [policy] if policy is not None else None)[0]
+        enc = {k: v for k, v in encode(self.processor, [conv], add_generation_prompt=True).items() if v is not None}
+        if key in self.__dict__.get("_keep", ()):
+            kept[key] = enc
+        return enc
+
     def respond(self, ds: Dataset, recs: list[Record], policies: list | None, desc: str) -> list[str]:
         from tqdm import tqdm
 
-        from pipeline.model import generate
+        from pipeline.model.decode import plain_greedy
         from pipeline.model.prompts import response_budget
 
         budget = self.cfg.max_new_tokens or response_budget(self.processor.tokenizer, recs)
-        self.budgets[desc] = budget
+        self.__dict__.setdefault("budgets", {})[desc] = budget  # (test doubles skip __init__)
+
+        bar = tqdm(total=len(recs), desc=desc, unit="ex", file=sys.stderr, mininterval=2)
+        try:
+            if not self.cfg.do_sample and plain_greedy(self.model):
+                return self._respond_greedy(ds, recs, policies, bar, budget)
+            return self._respond_generate(ds, recs, policies, bar, budget)
+        finally:
+            bar.close()
+
+    def _respond_greedy(self, ds, recs, policies, bar, budget: int) -> list[str]:
+        from pipeline.io import stable_hash
+        from pipeline.model import decode as D
+
+        tok = self.processor.tokenizer
+        img_id = D.image_token_id(self.model)
+
+        def prompts():
+            for s in range(0, len(recs), self.WINDOW):
+                idx = list(range(s, min(len(recs), s + self.WINDOW)))
+                encs = {i: self.encoded(ds, recs[i], policies[i] if policies else None) for i in idx}
+                shared: dict = {}  # the records of one policy share its prefilled prefix
+                groups: dict = {}
+                for i in idx:
+                    if policies and policies[i] is not None:
+                        groups.setdefault(self.encoding_key(ds, recs[i], policies[i])[2], []).append(i)
+                for pol, members in groups.items():
+                    k = D.shared_prefix_len([encs[i] for i in members], img_id)
+                    if k > 0:
+                        name = (pol, k, stable_hash(encs[members[0]]["input_ids"][0, :k].tolist()))
+                        shared.update({i: (name, k) for i in members})
+                for i in sorted(idx, key=lambda i: encs[i]["input_ids"].shape[1]):
+                    name, k = shared.get(i, (None, 0))
+                    yield D.Prompt(i, encs[i], name, k)
+
+        out = D.greedy(self.model, prompts(), max(1, self.cfg.batch_size), budget,
+                       [tok.convert_tokens_to_ids("<|im_end|>")], on_done=lambda key, ids: bar.update(1))
+        return self.processor.batch_decode([out[i] for i in range(len(recs))], skip_special_tokens=True)
+
+    def _respond_generate(self, ds, recs, policies, bar, budget: int) -> list[str]:
+        from pipeline.model import generate_ids
+        from pipeline.model.prefix import left_pad_cat
+
+        encs = [self.encoded(ds, r, policies[i] if policies else None) for i, r in enumerate(recs)]
+        # batches of prompts with the same inputs (images or not), each sorted by length: little padding
+        order = sorted(range(len(recs)), key=lambda i: (tuple(sorted(encs[i])), encs[i]["input_ids"].shape[1]))
         bs = max(1, self.cfg.batch_size)
-        texts: list[str] = []
-        for i in tqdm(range(0, len(recs), bs), desc=desc, unit="batch", file=sys.stderr, mininterval=2):
-            convs = self.conversations(ds, recs[i:i + bs], policies[i:i + bs] if policies else None)
-            texts += generate(self.model, self.processor, convs, max_new_tokens=budget,
-                              do_sample=self.cfg.do_sample, temperature=self.cfg.temperature, top_p=self.cfg.top_p)
+        pad = self.processor.tokenizer.pad_token_id or 0
+        texts: list = [None] * len(recs)
+        i = 0
+        while i < len(order):
+            j = i + 1
+            while j < len(order) and j - i < bs and set(encs[order[j]]) == set(encs[order[i]]):
+                j += 1
+            chunk = order[i:j]
+            ids = generate_ids(self.model, self.processor, left_pad_cat([encs[k] for k in chunk], pad),
+                               budget, self.cfg.do_sample, self.cfg.temperature, self.cfg.top_p)
+            for k, t in zip(chunk, self.processor.batch_decode(ids, skip_special_tokens=True)):
+                texts[k] = t
+            bar.update(len(chunk))
+            i = j
         return texts
 
 
@@ -216,6 +307,13 @@ class Evaluation:
         self._main_recs: list[Record] = []
         self._sim = None
         self.probes_dir: Path | None = None
+        self.cache_dir: str | None = None
+        """Forgetting-suite response cache (``cache.py``); None = off."""
+        if "efficiency" in cfg.suites and hasattr(runner, "keep_encodings"):
+            from pipeline.evaluate.efficiency import timed_prompts
+
+            # the efficiency suite times prompts main / in_context encode anyway: keep those encodings
+            runner.keep_encodings(runner.encoding_key(ds, r, pol) for ds, r, pol in timed_prompts(self))
 
     def score(self, recs: list[Record], texts: list[str], kind: str) -> list[dict]:
         if self._sim is None and any(r.task == "gta" for r in recs):
@@ -320,29 +418,51 @@ class Evaluation:
         self._write("referral", out_rows)
         return res
 
-    def forgetting(self, baseline_factory=None) -> dict | None:
+    def forgetting(self, baseline_factory=None, baseline_dir: str | None = None) -> dict | None:
         """Probe accuracy of the baseline (before) and this model (after); drop = before - after.
 
         The headline ``drop`` is the mean of the probe set's drop and each benchmark's drop, so a
         large user benchmark does not drown the probe set (inputs and scoring: ``probes.py``).
+        With ``cache_dir`` set, greedy responses are looked up by content hash first
+        (``cache.py``): the baseline's are generated once for every evaluation that probes it, and
+        it is not even loaded when they are cached (``baseline_dir`` names it without loading).
         """
         sets = probe_sets(self.probes_dir, self.cfg)
         if not sets:
             print("evaluate: forgetting suite skipped: no probe set (" + str(self.probes_dir) + "/test.jsonl) "
                   "and no evaluate.benchmarks", file=sys.stderr)
             return None
-        baseline = baseline_factory() if baseline_factory else None  # loaded only when there is something to probe
-        if baseline is None:
+        from pipeline.evaluate.cache import cached_responses
+
+        loaded: dict = {"after": self.runner}
+
+        def runner_for(when: str):
+            if when not in loaded:  # the baseline is loaded only when a response is not in the cache
+                loaded[when] = baseline_factory()
+            return loaded[when]
+
+        if baseline_factory is None:
             print("evaluate: forgetting: no --baseline-model, reporting 'after' only (no drop)", file=sys.stderr)
-        out: dict[str, Any] = {"baseline_model": baseline.model_dir if baseline else None, "sets": {}}
+        elif baseline_dir is None or not self.cache_dir:
+            runner_for("before")
+        base_name = baseline_dir or (loaded["before"].model_dir if "before" in loaded else None)
+        out: dict[str, Any] = {"baseline_model": base_name if baseline_factory else None, "sets": {}}
         rows_all = []
         for name, src, recs in sets:
             self.metrics["test_sets"][name] = src.hash
             res = {}
-            for when, runner in (("before", baseline), ("after", self.runner)):
-                if runner is None:
+            for when, model_dir in (("before", base_name), ("after", self.runner.model_dir)):
+                if when == "before" and baseline_factory is None:
                     continue
-                texts = runner.respond(src, recs, None, f"forgetting {name} ({when})")
+                desc = f"forgetting {name} ({when})"
+                if self.cache_dir and model_dir is not None:
+                    texts, hit = cached_responses(self.cache_dir, model_dir, self.cfg, src, recs,
+                                                  lambda: runner_for(when).respond(src, recs, None, desc))
+                    if hit:
+                        print(f"evaluate: {desc}: {len(recs)} responses of {model_dir} from the cache "
+                              f"({self.cache_dir})", file=sys.stderr)
+                else:
+                    texts = runner_for(when).respond(src, recs, None, desc)
                 rows = probe_rows(recs, texts, when, name)
                 rows_all += rows
                 res[when] = {"accuracy": M.accuracy(r["correct"] for r in rows), "n": len(rows),
@@ -377,6 +497,8 @@ def configure_evaluate(p) -> None:
     p.add_argument("--out", default="metrics/eval.json", help="metrics JSON (flat enough for `dvc metrics show`)")
     p.add_argument("--preds", default="reports/preds/rl", help="directory for per-example predictions (JSONL)")
     p.add_argument("--plots", default=None, help="directory for plot data CSVs (default: <preds>/plots)")
+    p.add_argument("--cache-dir", default=".trimpi/cache",
+                   help="content-keyed cache of forgetting-suite responses (pipeline/evaluate/cache.py); '' = off")
 
 
 def run_evaluate(args) -> int:
@@ -400,11 +522,12 @@ def run_evaluate(args) -> int:
     runner = Runner(args.model, cfg, policies, base.threads)
     ev = Evaluation(runner, datasets, cfg, preds)
     ev.probes_dir = Path(args.probes) if args.probes else None
+    ev.cache_dir = args.cache_dir or None
     ev.metrics["variant"] = preds.name
     for suite in [s for s in ALL_SUITES if s in cfg.suites]:
         if suite == "forgetting":
             res = ev.forgetting((lambda: Runner(args.baseline_model, cfg, policies, base.threads))
-                                if args.baseline_model else None)
+                                if args.baseline_model else None, baseline_dir=args.baseline_model)
         else:
             res = getattr(ev, suite)()
         if res is not None:

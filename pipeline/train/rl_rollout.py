@@ -3,10 +3,13 @@
 * :class:`PromptCache` encodes each record's two prompts (without / with the policy) once and
   keeps them; policies are rendered once per name, images decoded once per record.
 * :func:`rollout` samples G responses per prompt from the policy-free prompt and, under
-  PolicyRollout, G more from the policy-aware prompt. Each half of a chunk of prompts is ONE
-  ``generate`` call (``num_return_sequences=G``: transformers encodes a prompt's images once,
-  before expanding to its G samples). The sampled token ids are kept as sampled; they are never
-  re-tokenized from text, so the scores below are of exactly the tokens that were generated.
+  PolicyRollout, G more from the policy-aware prompt. Each prompt is prefilled ONCE (the
+  policy-aware prompts of one policy share the prefill of its text) and its G samples attend over
+  one copy of its key/value cache; one ``generate`` call per chunk samples all 2G responses per
+  prompt (``pipeline/model/prefix.py``). Before, ``num_return_sequences=G`` prefilled every
+  sample's copy of the long policy prompt, which made a PoRo step 1.37x a GRPO step (issue 17).
+  The sampled token ids are kept as sampled; they are never re-tokenized from text, so the scores
+  below are of exactly the tokens that were generated.
 * :func:`response_logprobs` scores responses as continuations of ONE prompt, always the
   policy-free one in training: the prompt is shared by all rows, the images go through the
   vision tower once per call (``mm_encoder_outputs``) with gradient.
@@ -20,6 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from pipeline.model.prefix import SEQ_KEYS, left_pad_cat  # noqa: F401 (re-exported: rl.py, tests)
 from pipeline.train.rl_config import RLConfig
 
 
@@ -105,25 +109,6 @@ class PromptCache:
         return enc
 
 
-SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
-
-
-def left_pad_cat(encs: list[dict], pad_id: int) -> dict:
-    """Collate single-prompt encodings into one left-padded batch (generation needs left padding)."""
-    import torch
-
-    n = max(e["input_ids"].shape[1] for e in encs)
-    out: dict = {}
-    for key in encs[0]:
-        vals = [e[key] for e in encs]
-        if key in SEQ_KEYS:
-            fill = pad_id if key == "input_ids" else 0
-            out[key] = torch.cat([torch.nn.functional.pad(v, (n - v.shape[1], 0), value=fill) for v in vals])
-        else:
-            out[key] = torch.cat(vals)
-    return out
-
-
 def _eos_ids(model, tokenizer) -> set[int]:
     ids = model.generation_config.eos_token_id
     ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
@@ -157,41 +142,60 @@ def gathered(model, zero_stage: int):
 
 
 def rollout(model, processor, items: list, prompts: PromptCache, cfg: RLConfig,
-            reward_fn: Callable = task_reward) -> list[Group]:
-    """Sample G (or G + G with the policy) responses per item = (source, record) and score them."""
+            reward_fn: Callable = task_reward, share_prefix: bool = True) -> list[Group]:
+    """Sample G (or G + G with the policy) responses per item = (source, record) and score them.
+
+    Per chunk of ``generation_batch`` prompts, each prompt is prefilled ONCE
+    (:func:`pipeline.model.prefix.prefill_rows`) and ONE ``generate`` call samples all 2G responses
+    per prompt, each prompt's samples attending over one copy of its cache
+    (:func:`pipeline.model.prefix.generate_from`). ``share_prefix=False`` is the reference path:
+    one plain ``generate`` over the same rows, every sample prefilling its own copy of the prompt;
+    under a fixed seed both give the same tokens.
+    """
     import torch
+
+    from pipeline.model import prefix as px
+    from pipeline.model.masking import visual_token_ids
 
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     eos = _eos_ids(model, tok)
     G = cfg.group_size
     dev = next(model.parameters()).device
-    from pipeline.model.masking import visual_token_ids
-
     # a sampled <|image_pad|> would be taken for an image slot when the response is scored
     suppress = visual_token_ids(tok)
     halves = (False, True) if cfg.policy_rollout else (False,)
+    kw = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+              max_new_tokens=cfg.max_response_len, pad_token_id=pad_id, eos_token_id=sorted(eos),
+              suppress_tokens=suppress)
+    share = share_prefix and px.supported(model)
     groups = []
     for start in range(0, len(items), cfg.generation_batch):
         chunk = items[start:start + cfg.generation_batch]
-        # One generate call per half: the policy-aware prompts are several times longer, and
-        # left-padding the short ones to their length made PoRo generation 3.7x slower (bench_rl.py).
-        resp = {}
-        for wp in halves:
-            batch = left_pad_cat([prompts.get(it, wp) for it in chunk], pad_id)
-            batch = {k: v.to(dev) for k, v in batch.items()}
-            with torch.no_grad():
-                out = model.generate(**batch, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
-                                     top_k=0, max_new_tokens=cfg.max_response_len, num_return_sequences=G,
-                                     pad_token_id=pad_id, eos_token_id=sorted(eos), suppress_tokens=suppress)
-            resp[wp] = split_responses(out[:, batch["input_ids"].shape[1]:].cpu(), eos, pad_id)
+        encs = {wp: [prompts.get(it, wp) for it in chunk] for wp in halves}
+        with torch.no_grad():
+            if share:
+                # each half prefilled as its own batch (a short policy-free prompt is never padded to the
+                # policy-aware length); the policy-aware prompts of one policy share its text, prefilled
+                # once per chunk; then one decode loop for all 2G samples of every prompt
+                pres = [px.prefill_rows(model, encs[wp], pad_id, [it[1].policy for it in chunk] if wp else None)
+                        for wp in halves]
+                out = px.generate_from(model, pres, G, **kw)
+                rows = split_responses(out[:, 1:].cpu(), eos, pad_id)  # after the last prompt token
+            else:
+                batch = left_pad_cat([e for wp in halves for e in encs[wp]], pad_id)
+                batch = {k: v.to(dev) for k, v in batch.items()}
+                out = model.generate(**batch, num_return_sequences=G, **kw)
+                rows = split_responses(out[:, batch["input_ids"].shape[1]:].cpu(), eos, pad_id)
+        n = len(chunk) * G
+        resp = {wp: rows[h * n:(h + 1) * n] for h, wp in enumerate(halves)}
         for i, item in enumerate(chunk):
             rec = item[1]
             g = Group(record=rec, prompt=prompts.get(item, False))
             for wp in halves:
-                rows = resp[wp][i * G:(i + 1) * G]
-                g.responses += rows
-                g.with_policy += [wp] * len(rows)
+                part = resp[wp][i * G:(i + 1) * G]
+                g.responses += part
+                g.with_policy += [wp] * len(part)
             g.texts = tok.batch_decode(g.responses, skip_special_tokens=True)
             for text in g.texts:
                 a, f = reward_fn(rec, text)
