@@ -17,7 +17,12 @@ is printed). Phases, each timed end to end:
    workspace also creates the Prefect database (migrations), the second is the steady state;
 4. ``trimpi run --force`` with nothing changed (``--no-forced``: skip): every stage through the
    flow, each a ``dvc repro --single-item`` that finds nothing to do, plus pull/push: the
-   orchestration overhead that a real run pays on top of the stages themselves.
+   orchestration overhead that a real run pays on top of the stages themselves;
+5. ``trimpi run`` after one policy edit (``--no-edit``: skip): one condition of
+   ``policies/clevr/L2-Rodola.yaml`` changes (``shape: cylinder`` -> ``sphere``), the change a
+   policy owner makes; everything that depends on the policies re-runs (data, VM-CPT, SFT, RL,
+   evaluation, gate, promote, then the ablations). Reported: the whole run, and the time until
+   ``promote`` finished (what a user waits for before the new model serves; the ablations follow).
 
 The skip path needs a production model. If the committed gate refuses the model that phase 1
 trained (a tiny model may miss ``gate.min_main_accuracy``), the clone's threshold is lowered to 0
@@ -113,12 +118,52 @@ def lower_gate(clone: Path) -> None:
     p.write_text(text)
 
 
+EDIT = ("policies/clevr/L2-Rodola.yaml", "  value: cylinder\n", "  value: sphere\n")
+
+
+def edit_policy(clone: Path) -> str:
+    """The one-policy edit of phase 5: a single condition's value, as a policy owner would change it."""
+    rel, old, new = EDIT
+    p = clone / rel
+    text = p.read_text()
+    if text.count(old) != 1:
+        raise SystemExit(f"bench_pipeline: {rel} has no single line {old.strip()!r} to edit")
+    p.write_text(text.replace(old, new))
+    return f"{rel}: {old.strip()} -> {new.strip()}"
+
+
+def flow_stages(clone: Path) -> list[dict]:
+    """The stage table ``trimpi run`` writes to its summary (stages run one after another, in order)."""
+    from flows.cli import stage_table
+
+    p = clone / "reports/reinternalize.md"
+    rows = []
+    for line in stage_table(p.read_text())[2:-1] if p.exists() else []:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        try:
+            rows.append({"stage": cells[0], "status": cells[1], "seconds": float(cells[2])})
+        except (IndexError, ValueError):
+            continue
+    return rows
+
+
+def until(stages: list[dict], stage: str) -> float | None:
+    """Seconds of the stages up to and including ``stage`` (None if it is not in the table)."""
+    t = 0.0
+    for s in stages:
+        t += s["seconds"]
+        if s["stage"] == stage:
+            return round(t, 1)
+    return None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repo", default=str(REPO), help="repository to clone (its HEAD is benchmarked)")
     ap.add_argument("--workdir", default=None, help="where to clone (default: a new temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the clone (and logs) afterwards")
     ap.add_argument("--no-forced", dest="forced", action="store_false", help="skip phase 4 (trimpi run --force)")
+    ap.add_argument("--no-edit", dest="edit", action="store_false", help="skip phase 5 (one policy edited)")
     ap.add_argument("--json", default=None, help="also write all phases to this JSON file")
     a = ap.parse_args()
     print("command: .venv/bin/python benchmarks/bench_pipeline.py " + " ".join(sys.argv[1:]), flush=True)
@@ -157,6 +202,15 @@ def main() -> int:
             if summary.exists():
                 res["forced_summary_stages"] = [ln for ln in summary.read_text().splitlines() if ln.startswith("| ")
                                                 and ln.count("|") == 4]
+        if a.edit:
+            res["edit"] = edit_policy(clone)
+            print(f"policy edit: {res['edit']}", flush=True)
+            phase = timed("trimpi run (one policy edited)", [trimpi, "run"], clone, logs)
+            phase["flow_stages"] = flow_stages(clone)
+            phase["until_promote_s"] = until(phase["flow_stages"], "promote")
+            res["phases"].append(phase)
+            passed, checks = gate_passed(clone)
+            res["edit_gate"] = {"passed": passed, "checks": checks}
     finally:
         if a.json:
             Path(a.json).write_text(json.dumps(res, indent=1) + "\n")
@@ -165,9 +219,14 @@ def main() -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
 
-    print("\n| phase | exit | wall s |\n|---|---|---|")
+    print("\n| phase | exit | wall s | until promote s |\n|---|---|---|---|")
     for p in res["phases"]:
-        print(f"| {p['phase']} | {p['rc']} | {p['seconds']:.1f} |")
+        print(f"| {p['phase']} | {p['rc']} | {p['seconds']:.1f} | {p.get('until_promote_s') or ''} |")
+    if "edit" in res:
+        print(f"\none policy edited ({res['edit']}); gate after it: {res['edit_gate']}")
+        print("| stage | status | s |\n|---|---|---|")
+        for s in res["phases"][-1]["flow_stages"]:
+            print(f"| {s['stage']} | {s['status']} | {s['seconds']:.1f} |")
     cold = res["phases"][0]
     print("\ncold dvc repro, per stage:\n| stage | s |\n|---|---|")
     for s in cold["stages_ran"]:
