@@ -43,8 +43,9 @@ def prompt_tokens(model_dir: Path, data: Path, policies: Path) -> dict:
     from pipeline.train.rl import PromptCache, load_items
     from pipeline.train.rl_config import RLConfig
 
-    items, stores, mm = load_items([str(data)], RLConfig())
-    cache = PromptCache(load_processor(model_dir), stores, load_policies(policies), mm)
+    pols = load_policies(policies)
+    items, stores, mm = load_items([str(data)], RLConfig(), pols)
+    cache = PromptCache(load_processor(model_dir), stores, pols, mm)
     n = {wp: [cache.get(it, wp)["input_ids"].shape[1] for it in items] for wp in (False, True)}
     return {"prompt_tokens_free": round(sum(n[False]) / len(items), 1),
             "prompt_tokens_policy": round(sum(n[True]) / len(items), 1)}

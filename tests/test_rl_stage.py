@@ -93,3 +93,15 @@ def test_resume_after_interruption_matches_uninterrupted_run(world, tmp_path):
     assert m["resumed_from_step"] == 2 and m["steps_done"] == 3
     a, b = weights(tmp_path / "full"), weights(tmp_path / "resumed")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_bench_rl_measures_prompt_lengths_with_the_stage_loaders(world):
+    """benchmarks/bench_rl.py reads prompts through the stage's own loaders: a signature change there
+    must fail here, not in a benchmark run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_rl", ROOT / "benchmarks/bench_rl.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    n = bench.prompt_tokens(world / "init", world / "data", ROOT / "policies")
+    assert 0 < n["prompt_tokens_free"] < n["prompt_tokens_policy"], n
