@@ -1,7 +1,7 @@
 """Wall time of ``trimpi evaluate`` with and without the forgetting-suite response cache, and a check
 that every figure and every per-example prediction is the same in each mode.
 
-    .venv/bin/python benchmarks/bench_evaluate.py [--model models/rl] [--baseline models/init]
+    .venv/bin/python benchmarks/bench_evaluate.py [--model models/rl] [--baseline models/base]
         [--data data/clevr] [--probes data/generic] [--modes uncached,cold,baseline-cached,warm]
 
 Modes (each a fresh ``trimpi evaluate`` process, one torch thread, as DVC runs it):
@@ -55,7 +55,7 @@ def predictions(preds: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/rl")
-    ap.add_argument("--baseline", default="models/init")
+    ap.add_argument("--baseline", default="models/base")
     ap.add_argument("--data", default="data/clevr")
     ap.add_argument("--probes", default="data/generic")
     ap.add_argument("--policies", default="policies")
