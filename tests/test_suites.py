@@ -336,7 +336,7 @@ def test_forgetting_cache_same_figures_and_baseline_generated_once(probe_world, 
                     "--out", str(out), "--preds", str(d / f"preds_{tag}"), "--cache-dir", cache, *extra]) == 0
         m = json.loads(out.read_text())
         rows = (d / f"preds_{tag}" / "forgetting.jsonl").read_text()
-        return m["forgetting"], rows
+        return m["forgetting"], rows, m["decoding"]  # decoding: the budgets, recorded on a cache hit too
 
     plain = run("plain", "")
     assert responded == [("base", "before"), ("rl", "after")]

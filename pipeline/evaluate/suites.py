@@ -169,14 +169,22 @@ class Runner:
             kept[key] = enc
         return enc
 
-    def respond(self, ds: Dataset, recs: list[Record], policies: list | None, desc: str) -> list[str]:
-        from tqdm import tqdm
-
-        from pipeline.model.decode import plain_greedy
+    def record_budget(self, recs: list[Record], desc: str) -> int:
+        """The response budget of a generation over ``recs`` (the configured cap, else derived from the
+        data), recorded under ``desc`` for the metrics' ``decoding`` block, also when the responses
+        come from the forgetting cache instead of ``respond``."""
         from pipeline.model.prompts import response_budget
 
         budget = self.cfg.max_new_tokens or response_budget(self.processor.tokenizer, recs)
         self.__dict__.setdefault("budgets", {})[desc] = budget  # (test doubles skip __init__)
+        return budget
+
+    def respond(self, ds: Dataset, recs: list[Record], policies: list | None, desc: str) -> list[str]:
+        from tqdm import tqdm
+
+        from pipeline.model.decode import plain_greedy
+
+        budget = self.record_budget(recs, desc)
 
         bar = tqdm(total=len(recs), desc=desc, unit="ex", file=sys.stderr, mininterval=2)
         try:
@@ -462,6 +470,8 @@ class Evaluation:
                     if hit:
                         print(f"evaluate: {desc}: {len(recs)} responses of {model_dir} from the cache "
                               f"({self.cache_dir})", file=sys.stderr)
+                        if when == "after":  # the metrics record the budget as if generated
+                            self.runner.record_budget(recs, desc)
                 else:
                     texts = runner_for(when).respond(src, recs, None, desc)
                 rows = probe_rows(recs, texts, when, name)
