@@ -47,6 +47,19 @@ def test_tie_rule_compares_the_difference_with_the_larger_seed_spread():
     assert R.compare(c(50, 52, 54), c(30))["spread"] == 2.0 and "note" not in R.compare(c(50, 52, 54), c(30))
 
 
+def test_one_seed_accuracies_are_compared_against_their_test_set_sampling_error():
+    """A single seed has no seed spread; a few test prompts of difference must not rank two rows."""
+    def one(acc, n_test=200):
+        return {**c(acc), "n_test": n_test}
+
+    close = R.compare(one(95.5), one(94.5))              # 2 of 200 prompts apart
+    assert close["verdict"] == "tie" and close["spread"] == 1.61 and close["note"] == "1 seed"  # the 94.5 row
+    assert R.compare(one(68.5), one(10.8))["verdict"] == "holds"
+    assert R.compare(one(68.5), one(66.0))["verdict"] == "tie"  # sampling error 3.3 at 68.5 %
+    assert R.compare(c(30), c(20))["verdict"] == "holds"  # no test size known: no spread
+    assert R.compare(c(60, 62, 64), one(50))["spread"] == 3.54  # the single-seed row is the noisier
+
+
 def test_rank_counts_rows_clearly_above_and_marks_shared_ranks():
     table = {"primary": R.ACC, "rows": [{"variant": v, "cells": {R.ACC: cell}} for v, cell in
                                         [("a", c(80, 82, 84)), ("b", c(79, 80, 81)), ("c", c(40, 41, 42)), ("d", c())]]}

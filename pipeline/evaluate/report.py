@@ -24,9 +24,11 @@ Orchestration decides which variants exist and passes them in; this module only 
 
 **Tie rule.** Two rows A and B (means m_A, m_B of a column over seeds, sample std s_A, s_B) are
 *tied* when ``|m_A - m_B| <= max(s_A, s_B)``: the difference is no larger than the seed-to-seed
-spread of either row, so ranking them would rank noise. A row measured on one seed has no
-spread (s = 0); a verdict that rests on single-seed rows only is flagged ``1 seed``. The same
-rule drives:
+spread of either row, so ranking them would rank noise. A row measured on one seed has no seed
+spread; for an accuracy column its s is then the sampling error of that accuracy on its test
+set, ``100 * sqrt(p (1 - p) / N)`` (N prompts; 1.5 points at 95 % on 200, 3.3 at 68.5 %), so that
+one seed cannot rank two rows a few test prompts apart; other single-seed cells have s = 0. A
+verdict that rests on single-seed rows only is flagged ``1 seed``. The same rule drives:
 
 * the ``Rank`` column (by the table's primary column, policy-free mean accuracy): a row's rank
   is 1 + the number of rows *clearly* above it (difference larger than the spread); rows that
@@ -140,6 +142,17 @@ def mean_accuracy(metrics: dict, suite: str):
     return statistics.mean(per.values()) if per else get_dotted(metrics, f"{suite}.clevr.accuracy")
 
 
+# accuracy columns -> where their number of test prompts is (for a single seed's sampling error)
+TEST_N = {ACC: "{main}.clevr.n", "In-context": "in_context.clevr.n", "Override": "override.clevr.n"}
+
+
+def with_test_n(c: dict, metrics: list[dict], key: str | None) -> dict:
+    """``c`` plus ``n_test``, the fewest test prompts behind one of its values (None if unknown)."""
+    ns = [get_dotted(m, key) for m in metrics] if key else []
+    c["n_test"] = min(ns) if ns and all(isinstance(n, int) and n > 0 for n in ns) else None
+    return c
+
+
 def aggregate(variants: list[tuple[str, list[str], str]], label: str = "") -> dict:
     """One table: {"label", "columns", "primary", "rows": [{"variant", "suite", "seeds", "files", "cells", "rank"}]}."""
     rows, policies = [], []
@@ -152,6 +165,8 @@ def aggregate(variants: list[tuple[str, list[str], str]], label: str = "") -> di
         cells[ACC] = cell([mean_accuracy(m, suite) for m in metrics])
         for header, key in COLUMNS:
             cells[header] = cell([get_dotted(m, key.format(main=suite)) for m in metrics])
+        for header, key in TEST_N.items():
+            with_test_n(cells[header], metrics, key.format(main=suite))
         rows.append({"variant": name, "suite": suite, "seeds": len(files), "files": files, "cells": cells})
     headers = [f"Acc {p}" for p in policies] + [ACC] + [h for h, _ in COLUMNS]
     empty = cell([])
@@ -168,8 +183,14 @@ def aggregate(variants: list[tuple[str, list[str], str]], label: str = "") -> di
 
 
 def spread(c: dict) -> float:
-    """The seed spread a difference must exceed: the sample std (0 with fewer than 2 seeds)."""
-    return c["std"] or 0.0
+    """The spread a difference must exceed: the seed std; with one seed, the sampling error of an
+    accuracy on its test set where the cell knows it (``n_test``), else 0."""
+    if c["std"] is not None:
+        return c["std"]
+    n, mean = c.get("n_test"), c["mean"]
+    if c["n"] == 1 and n and mean is not None and 0 <= mean <= 100:
+        return round(100 * math.sqrt(mean / 100 * (1 - mean / 100) / n), 2)
+    return 0.0
 
 
 def compare(a: dict, b: dict, relation: str = ">") -> dict:
