@@ -270,6 +270,7 @@ def markdown(result: dict, title: str = "Results", notes: list[str] | tuple = ()
               "Cells: mean ± sample std over seeds (`n` = seeds; a cell with fewer says so). Rows marked † read "
               "accuracy with the policy in the prompt; every other row answers without it. `Rank` orders the "
               "policy-free mean accuracy; two rows whose difference is no larger than the larger of their seed stds "
+              "(for a single-seed accuracy: its sampling error on the test set, 100·sqrt(p(1-p)/N)) "
               "are a tie and share a rank (`=`); see `pipeline/evaluate/report.py`.", ""]
     tables = result["tables"]
     for t in tables:
@@ -287,7 +288,7 @@ def markdown(result: dict, title: str = "Results", notes: list[str] | tuple = ()
         labels = [t["label"] or "this table" for t in tables]
         lines += ["## The paper's orderings at this scale", "",
                   "Computed from the tables above: Δ = A - B of the compared column, spread = the larger seed std "
-                  "of the two rows; holds when Δ > spread, does not hold when -Δ > spread, else tie.", "",
+                  "of the two rows (a single-seed accuracy: its test-set sampling error); holds when Δ > spread, does not hold when -Δ > spread, else tie.", "",
                   "| Claim | Comparison | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
         for o in result["orderings"]:
             lines.append(f"| {o['claim']} | {o['comparison']} | "
