@@ -1,6 +1,6 @@
 """The gate's default floor separates a model that learned its policies from one that did not.
 
-Real stages on the tiny preset (~10 CPU-minutes): the default vision-phase base (``train base``), then
+Real stages on the tiny preset (23 min measured with the other core busy): the default vision-phase base (``train base``), then
 the cheapest method that learns a depth-2 policy (Direct SFT, the tower frozen), each evaluated on the
 same held-out images and judged by ``trimpi gate`` with the floor from the repository's params.yaml.
 The full TriMPI chain reaches more (README "Measured"); this shows the floor is not a coin flip.
