@@ -133,18 +133,14 @@ def edit_policy(clone: Path) -> str:
 
 
 def flow_stages(clone: Path) -> list[dict]:
-    """The stage table ``trimpi run`` writes to its summary (stages run one after another, in order)."""
-    from flows.cli import stage_table
+    """The stages ``trimpi run`` ran, in order, from the run's record (``reports/reinternalize.json``)."""
+    from flows.runner import OrchestrateConfig, record_path
+    from pipeline.io import read_json
 
-    p = clone / "reports/reinternalize.md"
-    rows = []
-    for line in stage_table(p.read_text())[2:-1] if p.exists() else []:
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        try:
-            rows.append({"stage": cells[0], "status": cells[1], "seconds": float(cells[2])})
-        except (IndexError, ValueError):
-            continue
-    return rows
+    p = record_path(clone / OrchestrateConfig.summary)
+    stages = read_json(p).get("stages", []) if p.exists() else []
+    return [{"stage": s["stage"], "status": s["status"], "seconds": s["seconds"]} for s in stages
+            if s.get("seconds") is not None]
 
 
 def until(stages: list[dict], stage: str) -> float | None:
@@ -198,10 +194,7 @@ def main() -> int:
         res["phases"].append(timed("trimpi run (nothing changed)", [trimpi, "run"], clone, logs))
         if a.forced:
             res["phases"].append(timed("trimpi run --force (nothing changed)", [trimpi, "run", "--force"], clone, logs))
-            summary = clone / "reports/reinternalize.md"
-            if summary.exists():
-                res["forced_summary_stages"] = [ln for ln in summary.read_text().splitlines() if ln.startswith("| ")
-                                                and ln.count("|") == 4]
+            res["forced_summary_stages"] = flow_stages(clone)
         if a.edit:
             res["edit"] = edit_policy(clone)
             print(f"policy edit: {res['edit']}", flush=True)

@@ -179,8 +179,9 @@ def configure_run(p) -> None:
 
 def run_run(args) -> int:
     from pipeline.config import load_section
+    from pipeline.io import read_json
     from pipeline.lock import LockBusy, WorkspaceLock
-    from flows.runner import OrchestrateConfig
+    from flows.runner import OrchestrateConfig, record_path
 
     root = Path(args.workspace).resolve()
     params = str(root / args.params) if not os.path.isabs(args.params) else args.params
@@ -217,8 +218,9 @@ def run_run(args) -> int:
     else:
         print(f"reinternalize: FAILED: {str(result).splitlines()[0] if str(result) else type(result).__name__}")
     print(f"  report:   {summary}" if summary.exists() else "  report:   (none written)")
-    if summary.exists():
-        print("\n".join("  " + line for line in stage_table(summary.read_text())))
+    record = record_path(summary)
+    if summary.exists() and record.exists():
+        print("\n".join("  " + line for line in stage_table(read_json(record).get("stages", []))))
     for rel in ("metrics/eval.json", "metrics/gate.json", "reports/ablations.md"):
         if (root / rel).exists():
             print(f"  results:  {root / rel}")
@@ -229,25 +231,16 @@ def run_run(args) -> int:
     return 0 if state.is_completed() else 1
 
 
-def stage_table(summary_md: str) -> list[str]:
-    """The summary's per-stage table (status and wall time of every stage) with a total line, for the
-    console: where the run's time went, without opening the report."""
-    lines = summary_md.splitlines()
-    if "## Stages" not in lines:
+def stage_table(stages: list[dict]) -> list[str]:
+    """The run's per-stage table (status and wall time of every stage, from its record) with a total
+    line, for the console: where the run's time went, without opening the report."""
+    if not stages:
         return []
-    start = lines.index("## Stages") + 2
-    table = []
-    for line in lines[start:]:
-        if not line.startswith("|"):
-            break
-        table.append(line)
-    total = 0.0
-    for row in table[2:]:
-        try:
-            total += float(row.strip("|").split("|")[2])
-        except (IndexError, ValueError):
-            pass
-    return table + [f"| total | | {total:.0f} |"] if table else []
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    table = ["| stage | status | seconds |", "|---|---|---|"]
+    table += [f"| {s['stage']} | {s['status']} | {fmt(s.get('seconds'))} |" for s in stages]
+    total = sum(s.get("seconds") or 0.0 for s in stages)
+    return table + [f"| total | | {total:.0f} |"]
 
 
 def _production_line(root: Path, params: str) -> str:

@@ -14,8 +14,10 @@ locally); (c) when the policies changed, the policy diff against production's (w
 how many labels of ``orchestrate.diff_data`` flip: ``pipeline/policy/diff.py``); (d) the
 stages; (e) ``dvc push``; (f) a markdown summary (policy diff, gate verdict, metrics vs the
 production model as it was before the run, registry entry), written to ``orchestrate.summary``
-and as a Prefect artifact; (g) notifications of a refused gate / failed stage / promotion
-(``params.yaml: notify``, ``flows/notify.py``). A failed stage stops the stages that depend on
+and as a Prefect artifact, and the run's record (status, reason, every stage's status and
+seconds) as JSON next to it (``runner.record_path``) for scripts and the console; (g)
+notifications of a refused gate / failed stage / promotion (``params.yaml: notify``,
+``flows/notify.py``). A failed stage stops the stages that depend on
 it, but push, the summary and the notifications still happen, then the run fails.
 
 The whole run holds the workspace lock; a run Prefect started while another holds it waits
@@ -129,7 +131,8 @@ def summary_markdown(root: Path, status: str, chk: ChangeCheck, stages: list[dic
         md += [policy_diff_md.rstrip(), ""]
     if stages:
         md += ["## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
-        md += [f"| {s['stage']} | {s['status']} | {_fmt(s.get('seconds'))} |" for s in stages] + [""]
+        secs = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731 - 12000 s, not 1.2e+04
+        md += [f"| {s['stage']} | {s['status']} | {secs(s.get('seconds'))} |" for s in stages] + [""]
     gate = load(GATE)
     if gate is not None and status != "skipped":
         verdict = "PASSED" if gate.get("passed") else "FAILED"
@@ -271,7 +274,7 @@ def policy_diff(root: str, production: dict, data_dirs: list[str]) -> dict:
 
 def _reinternalize(root: Path, params_file: str, cfg: OrchestrateConfig, ncfg: NotifyConfig, run: dict, force: bool,
                    stages, remote, pull, push) -> dict:
-    from pipeline.io import atomic_write_text, read_json
+    from pipeline.io import atomic_write_json, atomic_write_text, read_json
 
     log = get_run_logger()
     summary_path = root / cfg.summary
@@ -282,11 +285,14 @@ def _reinternalize(root: Path, params_file: str, cfg: OrchestrateConfig, ncfg: N
                                                          "reflects these policies (use force to run anyway)."])
         atomic_write_text(summary_path, md)
         create_markdown_artifact(key="reinternalize-summary", markdown=md, description="skipped")
+        result = {"status": "skipped", "reason": chk.reason, "summary": str(summary_path), "stages": [],
+                  "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        atomic_write_json(runner.record_path(summary_path), result)
         log.info(f"skipped: {chk.reason}")
         deliver(build_events(run=run, status="skipped", reason=chk.reason, stages=[], failures={}, gate_stage=None,
                              gate=None, promoted=None, production_before=prod_before, diff_lines=[], notes=[]),
                 ncfg, log.warning, log.info)
-        return {"status": "skipped", "reason": chk.reason, "summary": str(summary_path), "stages": []}
+        return result
 
     notes: list[str] = [] if chk.changed else ["Run forced although nothing changed."]
     retry = dict(retries=cfg.retries,
@@ -361,6 +367,7 @@ def _reinternalize(root: Path, params_file: str, cfg: OrchestrateConfig, ncfg: N
                          diff_lines=diff["short"], notes=notes), ncfg, log.warning, log.info)
     result = {"status": status, "reason": chk.reason, "summary": str(summary_path), "stages": done,
               "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    atomic_write_json(runner.record_path(summary_path), result)
     if failures:
         raise _Announced(next(iter(failures.values())))
     return result

@@ -95,6 +95,13 @@ class OrchestrateConfig:
     """Where the run's final markdown summary is written (also a Prefect artifact)."""
 
 
+def record_path(summary: str | Path) -> Path:
+    """The run's machine-readable record next to its markdown summary (``reports/reinternalize.json``):
+    status, reason and every stage's status and seconds. Scripts (``trimpi run``'s console table,
+    ``benchmarks/bench_pipeline.py``) read this, never the markdown."""
+    return Path(summary).with_suffix(".json")
+
+
 @dataclass
 class StageResult:
     stage: str

@@ -6,7 +6,12 @@ test combines several assertions. Stages are small python commands; the last two
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import time
+from pathlib import Path
+
+from pipeline.io import read_json
 
 
 # `attempts/` is not a DVC output: it counts how often each command really ran.
@@ -56,6 +61,14 @@ def _task_runs(flow_run_id):
     return {r.name: r for r in runs}, {a.key for a in arts}
 
 
+def _bench_pipeline():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_pipeline.py"
+    spec = importlib.util.spec_from_file_location("bench_pipeline", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _attempts(root, stage):
     p = root / "attempts" / stage
     return len(p.read_text()) if p.exists() else 0
@@ -82,6 +95,9 @@ def test_run_retries_transient_then_skips_unchanged_then_fails_validation_withou
     assert any((root.parent / "ws-remote").rglob("*")), "dvc push left the local remote empty"
     summary = (root / "reports" / "reinternalize.md").read_text()
     assert "Production is now **v1**" in summary and "| main.score | 88 |" in summary
+    # the run's record, next to the summary, is what scripts read (bench_pipeline's per-stage times)
+    assert read_json(root / "reports" / "reinternalize.json") == json.loads(json.dumps(result))
+    assert [s["stage"] for s in _bench_pipeline().flow_stages(root)] == [s["stage"] for s in result["stages"]]
 
     # 2. nothing changed: skipped quickly, no stage command runs
     t0 = time.monotonic()
@@ -101,4 +117,6 @@ def test_run_retries_transient_then_skips_unchanged_then_fails_validation_withou
     assert "train" not in tasks  # nothing that depends on the failed stage ran
     summary = (root / "reports" / "reinternalize.md").read_text()
     assert "# reinternalize: failed" in summary and "| validate | FAILED (not retried) |" in summary
+    record = read_json(root / "reports" / "reinternalize.json")
+    assert record["status"] == "failed" and {"stage": "validate", "status": "FAILED (not retried)"} in record["stages"]
     assert "| train | not run (needs failed stage validate) |" in summary and "Production stays **v1**" in summary

@@ -49,8 +49,9 @@ def test_trimpi_run_refuses_while_another_run_holds_the_workspace(tmp_path):
 def test_stage_table_prints_each_stage_time_and_the_total():
     from flows.cli import stage_table
 
-    md = ("# reinternalize: completed\n\n## Stages\n\n| stage | status | seconds |\n|---|---|---|\n"
-          "| cpt | ran | 300.5 |\n| sft | unchanged | 1.5 |\n| gate | FAILED | - |\n\n## Gate: PASSED\n")
-    assert stage_table(md) == ["| stage | status | seconds |", "|---|---|---|", "| cpt | ran | 300.5 |",
-                               "| sft | unchanged | 1.5 |", "| gate | FAILED | - |", "| total | | 302 |"]
-    assert stage_table("# reinternalize: skipped\n") == []
+    stages = [{"stage": "cpt", "status": "ran", "seconds": 300.5}, {"stage": "sft", "status": "unchanged",
+                                                                    "seconds": 1.5},
+              {"stage": "gate", "status": "FAILED"}]
+    assert stage_table(stages) == ["| stage | status | seconds |", "|---|---|---|", "| cpt | ran | 300.5 |",
+                                   "| sft | unchanged | 1.5 |", "| gate | FAILED | - |", "| total | | 302 |"]
+    assert stage_table([]) == []
