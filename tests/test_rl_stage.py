@@ -59,6 +59,8 @@ def test_stage_writes_model_metrics_and_per_half_log(world, tmp_path):
     for col in ("reward_free", "reward_policy", "zero_var_frac", "kl", "clip_frac", "resp_len"):
         assert col in head
     assert len(rows) == 4
+    # the pre-clip gradient norm is measured under ZeRO-0 too (DeepSpeed reports None there)
+    assert any(float(r.split(",")[head.index("grad_norm")]) > 0 for r in rows[1:])
     assert not (tmp_path / "ckpt").exists()  # checkpoints are dropped once the model is in place
     before, after = weights(world / "init"), weights(out)
     assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -283,8 +283,25 @@ class Engine:
     def step(self) -> bool:
         """Optimizer step at a gradient-accumulation boundary; returns whether one happened."""
         boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary and not self.zero_stage:
+            self._grad_norm = self._local_grad_norm()
         self.engine.step()
         return boundary
+
+    def grad_norm(self) -> float | None:
+        """Global gradient norm (before clipping) of the last optimizer step. ZeRO-1/2/3 optimizers
+        report it to DeepSpeed; under ZeRO-0 DeepSpeed clips fp32 gradients and drops the norm
+        (``get_global_grad_norm()`` stays None), so :meth:`step` measures it just before stepping."""
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = getattr(self, "_grad_norm", None)
+        return None if norm is None else float(norm)
+
+    def _local_grad_norm(self) -> float:
+        import torch
+
+        grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
 
     # -- checkpoints
     def save_state(self, client_state: dict | None = None) -> None:

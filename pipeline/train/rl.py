@@ -333,8 +333,8 @@ class RLEngine:
         self.eng.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
 
     def step(self) -> float:
-        norm = self.eng.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0
+        norm = self.eng.grad_norm()
+        return norm if norm is not None else 0.0
 
 
 # ----------------------------------------------------------------------------- the stage
