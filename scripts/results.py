@@ -633,27 +633,34 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'to run' if s.id in todo else 'done  ' if s.done() else 'unused'}  {s.id}  $ {display(s.cmd)}")
         print(f"{len(todo)} step(s) to run of {len(steps)}")
         return 0
+    if a.report_only:  # reads finished evaluations only: no lock, so it works beside a running sweep
+        steps, depths = plan(a, params, keys, write=False)
+        return finish(a, raw, steps, depths, keys, timings_path, [])
     from pipeline.lock import LockBusy, WorkspaceLock
 
     try:  # a second sweep on the same work dir would train the same outputs twice
         with WorkspaceLock(a.work, timeout=0, command="scripts/results.py " + " ".join(raw)):
-            steps, depths = plan(a, params, keys, write=not a.report_only)
-            bad = [] if a.report_only else execute(steps, a.jobs, timings_path)
-            timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-            rows = unit_times(steps, timings)
-            print("\nwall time per unit (one core per step):")
-            for u, t, k, n, slow in rows:
-                print(f"  {u:<20} {minutes(t):>10}  ({k}/{n} steps timed; slowest: {slow})")
-            if bad:
-                print(f"\nresults: {len(bad)} step(s) failed or blocked: {', '.join(bad)}\nresults: {rel(a.out)} "
-                      f"left unchanged; fix the cause and run the same command to resume", file=sys.stderr)
-                return 1
-            # the command that regenerates everything (--report-only only re-aggregates)
-            display_argv = ["python", "scripts/results.py", *[x for x in raw if x != "--report-only"]]
-            return 0 if write_report(a, steps, depths, keys, timings, display_argv) else 1
+            steps, depths = plan(a, params, keys)
+            return finish(a, raw, steps, depths, keys, timings_path, execute(steps, a.jobs, timings_path))
     except LockBusy as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {str(e).split('; wait for it')[0]}; wait for that sweep to finish (`--report-only` "
+                 f"works beside it)")
 
+
+def finish(a, raw: list[str], steps: list[Step], depths: list[Depth], keys: list[str], timings_path: Path,
+           bad: list[str]) -> int:
+    """Per-unit times, then the report (unless a step failed: the committed report stays as it was)."""
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    print("\nwall time per unit (one core per step):")
+    for u, t, k, n, slow in unit_times(steps, timings):
+        print(f"  {u:<20} {minutes(t):>10}  ({k}/{n} steps timed; slowest: {slow})")
+    if bad:
+        print(f"\nresults: {len(bad)} step(s) failed or blocked: {', '.join(bad)}\nresults: {rel(a.out)} "
+              f"left unchanged; fix the cause and run the same command to resume", file=sys.stderr)
+        return 1
+    # the command that regenerates everything (--report-only only re-aggregates)
+    display_argv = ["python", "scripts/results.py", *[x for x in raw if x != "--report-only"]]
+    return 0 if write_report(a, steps, depths, keys, timings, display_argv) else 1
 
 if __name__ == "__main__":
     sys.exit(main())

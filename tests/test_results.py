@@ -380,3 +380,26 @@ def test_tiny_sweep_with_the_real_stages(tmp_path):
     assert json.loads((tmp_path / "work/depth4/validate_clevr.json").read_text())["success"] is True
     assert mod.main(args) == 0  # resumed: nothing left to run
     assert len(json.loads((tmp_path / "work/timings.json").read_text())) == 3 + 2 * 6
+
+
+def test_report_only_works_beside_a_running_sweep_and_a_second_sweep_is_refused(world):
+    import subprocess
+    import sys
+
+    mod, args, tmp, calls = world
+    assert mod.main(args) == 0
+    (tmp / "out/results.md").unlink()
+    hold = ("import sys, time; from pipeline.lock import WorkspaceLock; "
+            "WorkspaceLock(sys.argv[1], command='the running sweep').acquire(); print('held', flush=True); time.sleep(120)")
+    sweep = subprocess.Popen([sys.executable, "-c", hold, str(tmp / "work")], stdout=subprocess.PIPE, text=True,
+                             cwd=ROOT)
+    try:
+        assert sweep.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit, match="in use by .*the running sweep.*`--report-only` works beside it"):
+            mod.main(args)
+        calls()
+        assert mod.main(args + ["--report-only"]) == 0 and calls() == []      # reads, trains nothing
+        assert (tmp / "out/results.md").exists()
+    finally:
+        sweep.kill()
+        sweep.wait()
