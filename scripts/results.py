@@ -4,7 +4,7 @@
     .venv/bin/python scripts/results.py --depths 2 --seeds 0                     # one unit: every row once
     .venv/bin/python scripts/results.py --depths 4 --seeds 0 --methods cot_sft,trimpi_poro_grpo
     .venv/bin/python scripts/results.py ... --dry-run       # the steps, each marked done / to do
-    .venv/bin/python scripts/results.py ... --report-only   # tables from the evaluations finished so far
+    .venv/bin/python scripts/results.py ... --report-only   # tables from the evaluations finished so far (also while a sweep runs)
 
 **What runs.** A *unit* is one (depth, seed): every method of the table below is trained and
 evaluated with the ordinary ``trimpi`` stage commands and the pipeline's ``params.yaml`` (its
