@@ -346,8 +346,9 @@ def git(*args: str) -> str:
 
 def commit() -> str:
     head = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    dirty = [ln for ln in git("status", "--porcelain", "--untracked-files=no").splitlines()
-             if not ln[3:].startswith("reports/results.")]
+    # -z: NUL-separated "XY path" entries (git() strips the output, eating a leading space of X)
+    dirty = [e for e in git("status", "--porcelain", "-z", "--untracked-files=no").split("\0")
+             if e.strip() and not e.strip().split(" ", 1)[-1].startswith("reports/results.")]
     return head + ("+uncommitted" if dirty else "")
 
 

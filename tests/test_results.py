@@ -403,3 +403,13 @@ def test_report_only_works_beside_a_running_sweep_and_a_second_sweep_is_refused(
     finally:
         sweep.kill()
         sweep.wait()
+
+
+def test_the_report_commit_ignores_only_the_report_files(monkeypatch):
+    mod = load_script()
+    status = {"rev-parse": "abc123", "status": ""}
+    monkeypatch.setattr(mod, "git", lambda *a: status[a[0]])
+    status["status"] = " M reports/results.md\0 M reports/results.svg\0"   # the first entry's X is a space
+    assert mod.commit() == "abc123"
+    status["status"] = " M reports/results.md\0M  scripts/results.py\0"
+    assert mod.commit() == "abc123+uncommitted"
