@@ -181,7 +181,7 @@ def run_run(args) -> int:
     from pipeline.config import load_section
     from pipeline.io import read_json
     from pipeline.lock import LockBusy, WorkspaceLock
-    from flows.runner import OrchestrateConfig, record_path
+    from flows.runner import OrchestrateConfig, record_path, stage_table
 
     root = Path(args.workspace).resolve()
     params = str(root / args.params) if not os.path.isabs(args.params) else args.params
@@ -229,18 +229,6 @@ def run_run(args) -> int:
         print(f"  history:  `trimpi ui`, then open http://{DEFAULT_UI[0]}:{DEFAULT_UI[1]} (runs are kept in "
               f"{os.environ['PREFECT_HOME']})")
     return 0 if state.is_completed() else 1
-
-
-def stage_table(stages: list[dict]) -> list[str]:
-    """The run's per-stage table (status and wall time of every stage, from its record) with a total
-    line, for the console: where the run's time went, without opening the report."""
-    if not stages:
-        return []
-    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-    table = ["| stage | status | seconds |", "|---|---|---|"]
-    table += [f"| {s['stage']} | {s['status']} | {fmt(s.get('seconds'))} |" for s in stages]
-    total = sum(s.get("seconds") or 0.0 for s in stages)
-    return table + [f"| total | | {total:.0f} |"]
 
 
 def _production_line(root: Path, params: str) -> str:

@@ -130,9 +130,7 @@ def summary_markdown(root: Path, status: str, chk: ChangeCheck, stages: list[dic
     if policy_diff_md:
         md += [policy_diff_md.rstrip(), ""]
     if stages:
-        md += ["## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
-        secs = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731 - 12000 s, not 1.2e+04
-        md += [f"| {s['stage']} | {s['status']} | {secs(s.get('seconds'))} |" for s in stages] + [""]
+        md += ["## Stages", ""] + runner.stage_table(stages, total=False) + [""]
     gate = load(GATE)
     if gate is not None and status != "skipped":
         verdict = "PASSED" if gate.get("passed") else "FAILED"

@@ -102,6 +102,17 @@ def record_path(summary: str | Path) -> Path:
     return Path(summary).with_suffix(".json")
 
 
+def stage_table(stages: list[dict], total: bool = True) -> list[str]:
+    """A run's per-stage markdown table (status and wall time of every stage), optionally with a total
+    line: the summary's "Stages" section and ``trimpi run``'s console table are this one table."""
+    if not stages:
+        return []
+    secs = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731 - 12000.0 s, not 1.2e+04
+    table = ["| stage | status | seconds |", "|---|---|---|"]
+    table += [f"| {s['stage']} | {s['status']} | {secs(s.get('seconds'))} |" for s in stages]
+    return table + ([f"| total | | {sum(s.get('seconds') or 0.0 for s in stages):.0f} |"] if total else [])
+
+
 @dataclass
 class StageResult:
     stage: str

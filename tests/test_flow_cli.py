@@ -47,7 +47,7 @@ def test_trimpi_run_refuses_while_another_run_holds_the_workspace(tmp_path):
 
 
 def test_stage_table_prints_each_stage_time_and_the_total():
-    from flows.cli import stage_table
+    from flows.runner import stage_table
 
     stages = [{"stage": "cpt", "status": "ran", "seconds": 300.5}, {"stage": "sft", "status": "unchanged",
                                                                     "seconds": 1.5},

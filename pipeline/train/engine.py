@@ -229,6 +229,7 @@ class Engine:
                                         "world": self.world_size, "seed": seed})
         self.ds_config = ds_config(cfg, self.world_size)
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        self._grad_norm: float | None = None  # ZeRO-0 only: see grad_norm()
         params = [p for p in model.parameters() if p.requires_grad]
         f = lr_lambda(self.total_steps, cfg.warmup_ratio, schedule=cfg.lr_schedule)
         sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, f)  # noqa: E731
@@ -294,7 +295,7 @@ class Engine:
         (``get_global_grad_norm()`` stays None), so :meth:`step` measures it just before stepping."""
         norm = self.engine.get_global_grad_norm()
         if norm is None:
-            norm = getattr(self, "_grad_norm", None)
+            norm = self._grad_norm
         return None if norm is None else float(norm)
 
     def _local_grad_norm(self) -> float:
