@@ -141,6 +141,24 @@ def test_unbalanced_mode_uses_random_scenes(tmp_path):
     assert all(3 <= len(r.meta["scene"]["objects"]) <= 6 for r in recs)
 
 
+def test_a_scene_that_does_not_fit_is_drawn_again(tmp_path):
+    """At object_scale 0.2 six objects often do not fit in 128 px while three always do: the
+    generator draws another scene instead of failing the whole dataset. Settings where no scene
+    ever fits still fail, naming object_scale, and write nothing."""
+    pols = make_policies(tmp_path, depths=(2, 3))
+    cfg = GenerateClevrConfig(**{**SMALL, "object_scale": 0.2, "min_objects": 3, "max_objects": 6})
+    build(pols, tmp_path / "d", cfg, seed=0, progress=False)
+    policies = load_policies(pols)
+    for split in ("train", "test"):
+        for r in read_records(tmp_path / "d" / f"{split}.jsonl"):
+            assert 3 <= len(r.meta["scene"]["objects"]) <= 6
+            assert r.answer == policies[r.policy].evaluate(r.meta["scene"])[0]
+    with pytest.raises(InputError, match="generate_clevr.object_scale"):
+        build(pols, tmp_path / "e", GenerateClevrConfig(**{**SMALL, "object_scale": 0.4, "min_objects": 6,
+                                                              "max_objects": 6}), seed=0, progress=False)
+    assert not (tmp_path / "e").exists()
+
+
 def test_clevr_source_from_fixture(tmp_path):
     pols = make_policies(tmp_path, depths=(1,))
     cfg = GenerateClevrConfig(train_per_policy=6, cot_per_policy=2, test_per_policy=4, override_per_policy=4,

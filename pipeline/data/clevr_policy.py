@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.data.records import Record, ImageStore, write_records
-from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text, dump_yaml, input_error
+from pipeline.io import InputError, atomic_dir, atomic_write_json, atomic_write_text, dump_yaml, input_error
 
 QUERY = "According to Policy: {name}, what should be the response for the given image?"
 SPLITS = ("train", "test", "override")
@@ -133,13 +133,22 @@ class _Builder:
         targets = _leaf_cycle(policy.leaves, n, rng) if cfg.balance else [None] * n
         out = []
         for i, case in enumerate(targets):
+            misfit = None
             for _attempt in range(100):
                 k = rng.randint(cfg.min_objects, cfg.max_objects)
-                if case is None:
-                    scene = sample_scene(rng, k, k, cfg.image_size, cfg.object_scale, i, split)
-                else:
-                    scene = make_scene(policy.witness_objects(case, k, rng), rng, cfg.image_size,
-                                       cfg.object_scale, i, split)
+                try:
+                    if case is None:
+                        scene = sample_scene(rng, k, k, cfg.image_size, cfg.object_scale, i, split)
+                    else:
+                        scene = make_scene(policy.witness_objects(case, k, rng), rng, cfg.image_size,
+                                           cfg.object_scale, i, split)
+                except InputError as e:
+                    # k large objects (a case that asks for "large" things, say) occasionally do not
+                    # fit at this scale: draw another scene. Settings where none ever fits still
+                    # end in this error, naming object_scale, after the last attempt.
+                    misfit = e
+                    continue
+                misfit = None
                 buf = io.BytesIO()
                 render_scene(scene, cfg.image_size, cfg.object_scale).save(buf, format="PNG")
                 data = buf.getvalue()
@@ -147,6 +156,8 @@ class _Builder:
                 if h not in self.seen:  # an identical image in any split is drawn again
                     break
             else:
+                if misfit is not None:
+                    raise misfit
                 raise RuntimeError(f"{policy.name}/{split}: could not draw a new image in 100 tries")
             self.seen[h] = split
             out.append((scene, self._add(data)))
